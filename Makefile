@@ -1,0 +1,49 @@
+# The two commands of the README: `make demo` and `make test`. Each sets itself up.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+ASL    := $(VENV)/bin/asl
+
+.PHONY: demo test venv venv-test smollm2 tiny-checkpoints bench clean help
+
+help:
+	@echo "make demo   - set up .venv, fetch SmolLM2 (once), answer a pass key hidden in ~1K tokens"
+	@echo "make test   - set up .venv with the test extras and run the whole suite"
+	@echo "make bench  - prefill speed and memory: reference vs transformers on SmolLM2"
+	@echo "make tiny-checkpoints - regenerate the committed tiny checkpoints (deterministic)"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Stamp files: reinstall only when pyproject.toml changes.
+$(VENV)/.base: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	@touch $@
+
+$(VENV)/.test: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[test,crosscheck]'
+	@touch $@ $(VENV)/.base
+
+venv: $(VENV)/.base
+venv-test: $(VENV)/.test
+
+smollm2: $(VENV)/.base
+	$(ASL) fetch smollm2
+
+demo: smollm2
+	$(ASL) demo
+
+test: $(VENV)/.test
+	$(ASL) fetch smollm2
+	$(PY) -m pytest
+
+bench: $(VENV)/.test
+	$(ASL) fetch smollm2
+	$(PY) benchmarks/prefill_smollm2.py
+
+tiny-checkpoints: $(VENV)/.base
+	$(PY) -m reference.tiny
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

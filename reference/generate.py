@@ -1,0 +1,101 @@
+"""Greedy generation: prefill the prompt, then decode one token at a time from the KV cache.
+
+Generated token t sits at position N + t. Greedy picks the arg-max token, the
+lowest id on exact ties, and stops at an end-of-sequence token or the limit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from reference.checkpoint import Weights
+from reference.config import Config
+from reference.errors import OracleError
+from reference.model import decode_step, prefill
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    generated_ids: list[int] = field(default_factory=list)
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    stopped_at_eos: bool = False
+
+
+def check_prompt(cfg: Config, prompt_ids, max_new_tokens: int = 0) -> np.ndarray:
+    """Token ids as int64, refused when empty, out of the vocabulary, or too long for the model."""
+    ids = np.asarray(prompt_ids)
+    if ids.ndim != 1 or len(ids) == 0:
+        raise OracleError("the prompt is empty: give at least one token")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise OracleError(f"prompt token ids must be integers, got dtype {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+        raise OracleError(
+            f"prompt token ids must lie in [0, {cfg.vocab_size}) (the vocabulary), "
+            f"got values from {ids.min()} to {ids.max()}"
+        )
+    if max_new_tokens < 0:
+        raise OracleError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    total = len(ids) + max_new_tokens
+    if total > cfg.max_position_embeddings:
+        raise OracleError(
+            f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the model's "
+            f"max_position_embeddings ({cfg.max_position_embeddings}); shorten the prompt"
+        )
+    if cfg.sliding_window is not None and total > cfg.sliding_window:
+        raise OracleError(
+            f"the model uses sliding-window attention of {cfg.sliding_window} tokens, smaller than "
+            f"the {total} tokens of this run; the reference implements full attention only, "
+            "so shorten the prompt to at most the window"
+        )
+    return ids.astype(np.int64)
+
+
+def eos_token_ids(model_dir: str | Path, cfg: Config) -> tuple[int, ...]:
+    """End-of-sequence ids from generation_config.json, else from config.json."""
+    path = Path(model_dir) / "generation_config.json"
+    if path.is_file():
+        raw = json.loads(path.read_text()).get("eos_token_id")
+        if raw is not None:
+            return tuple(raw) if isinstance(raw, list) else (int(raw),)
+    return cfg.eos_token_ids
+
+
+def greedy_token(logits: np.ndarray) -> int:
+    """Arg-max; np.argmax returns the first maximum, i.e. the lowest id on exact ties."""
+    return int(np.argmax(logits))
+
+
+def generate(
+    weights: Weights, prompt_ids, max_new_tokens: int, eos_ids=(), on_token=None
+) -> Generation:
+    """Greedy continuation of the prompt; `on_token(id)` is called as each token is chosen."""
+    ids = check_prompt(weights.config, prompt_ids, max_new_tokens)
+    result = Generation(prompt_ids=ids.tolist())
+    if max_new_tokens == 0:
+        return result
+    start = time.perf_counter()
+    logits, cache = prefill(weights, ids)
+    result.prefill_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    position = len(ids)
+    while True:
+        token = greedy_token(logits)
+        result.generated_ids.append(token)
+        if on_token is not None:
+            on_token(token)
+        if token in eos_ids:
+            result.stopped_at_eos = True
+            break
+        if len(result.generated_ids) == max_new_tokens:
+            break
+        logits, cache = decode_step(weights, cache, token, position)
+        position += 1
+    result.decode_seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,148 @@
+"""The transformer: RMSNorm, rotary GQA attention, SwiGLU MLP, final norm, LM head.
+
+Pure functions over arrays. The KV cache is passed in and returned, never
+hidden in an object; each layer, and each KV head within a layer, holds its own
+keys, values and token positions, so layers may hold different numbers of
+tokens (ASL's pruning needs that). Shape legend: docs/shapes.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from reference.attention import group_attention
+from reference.checkpoint import LayerWeights, Weights
+from reference.config import Config
+from reference.rope import apply_rope, rope_tables
+
+
+@dataclass(frozen=True)
+class HeadCache:
+    """What one KV head of one layer remembers: keys (after rope), values, positions."""
+
+    k: np.ndarray  # (S, hd)
+    v: np.ndarray  # (S, hd)
+    pos: np.ndarray  # (S,) int64, ascending original positions
+
+
+LayerCache = tuple[HeadCache, ...]  # one per KV head
+KVCache = tuple[LayerCache, ...]  # one per layer
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * weight over the model dimension; x (T, D)."""
+    mean_square = np.mean(x * x, axis=-1, keepdims=True)  # (T, 1)
+    return x / np.sqrt(mean_square + eps) * weight
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """x * sigmoid(x), with sigmoid written through tanh so it never overflows."""
+    return x * (0.5 * (1.0 + np.tanh(0.5 * x)))
+
+
+def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    """x @ W^T (+ b), W stored (out, in) as in Hugging Face checkpoints."""
+    y = x @ w.T
+    return y if b is None else y + b
+
+
+def mlp(x: np.ndarray, lw: LayerWeights) -> np.ndarray:
+    """SwiGLU: down(silu(gate(x)) * up(x)); x (T, D) -> (T, D)."""
+    return linear(silu(linear(x, lw.w_gate)) * linear(x, lw.w_up), lw.w_down)
+
+
+def split_heads(x: np.ndarray, n_heads: int) -> np.ndarray:
+    """(T, n*hd) -> (n, T, hd)."""
+    T = x.shape[0]
+    return x.reshape(T, n_heads, -1).transpose(1, 0, 2)
+
+
+def project_qkv(
+    x: np.ndarray, lw: LayerWeights, cfg: Config, positions: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Normed hidden states (T, D) -> q (H, T, hd), k (H_kv, T, hd) after rope, v (H_kv, T, hd)."""
+    q = split_heads(linear(x, lw.wq, lw.bq), cfg.num_attention_heads)  # (H, T, hd)
+    k = split_heads(linear(x, lw.wk, lw.bk), cfg.num_key_value_heads)  # (H_kv, T, hd)
+    v = split_heads(linear(x, lw.wv, lw.bv), cfg.num_key_value_heads)  # (H_kv, T, hd)
+    cos, sin = rope_tables(cfg, positions, x.dtype)  # (T, hd) each
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def extend_cache(
+    old: LayerCache | None, k: np.ndarray, v: np.ndarray, positions: np.ndarray
+) -> LayerCache:
+    """Append the new tokens' keys and values (H_kv, T, hd) to every KV head's cache."""
+    if old is None:
+        return tuple(HeadCache(k[g], v[g], positions) for g in range(k.shape[0]))
+    return tuple(
+        HeadCache(
+            np.concatenate([h.k, k[g]]), np.concatenate([h.v, v[g]]), np.concatenate([h.pos, positions])
+        )
+        for g, h in enumerate(old)
+    )
+
+
+def attend(q: np.ndarray, cache: LayerCache, positions: np.ndarray, cfg: Config) -> np.ndarray:
+    """Each query head h attends over the cache of KV head h // G; q (H, T, hd) -> (T, H*hd)."""
+    G = cfg.group_size
+    out = np.empty_like(q)  # (H, T, hd)
+    for g, head in enumerate(cache):
+        out[g * G : (g + 1) * G] = group_attention(q[g * G : (g + 1) * G], head.k, head.v, positions, head.pos)
+    return out.transpose(1, 0, 2).reshape(q.shape[1], -1)  # (T, H*hd)
+
+
+def decoder_layer(
+    x: np.ndarray, lw: LayerWeights, cfg: Config, positions: np.ndarray, cache: LayerCache | None
+) -> tuple[np.ndarray, LayerCache]:
+    """One pre-norm block: x + attn(norm(x)), then + mlp(norm(.)); x (T, D)."""
+    q, k, v = project_qkv(rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), lw, cfg, positions)
+    cache = extend_cache(cache, k, v, positions)
+    x = x + linear(attend(q, cache, positions, cfg), lw.wo, lw.bo)
+    x = x + mlp(rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps), lw)
+    return x, cache
+
+
+def embed(weights: Weights, token_ids: np.ndarray) -> np.ndarray:
+    """Token ids (T,) -> hidden states (T, D) in the weights' dtype."""
+    return weights.embed[token_ids].astype(weights.dtype, copy=True)
+
+
+def lm_head(weights: Weights, x: np.ndarray) -> np.ndarray:
+    """Final norm, then logits over the vocabulary; x (T, D) -> (T, V)."""
+    return linear(rms_norm(x, weights.norm, weights.config.rms_norm_eps), weights.lm_head)
+
+
+def forward(
+    weights: Weights,
+    token_ids: np.ndarray,
+    positions: np.ndarray,
+    cache: KVCache | None = None,
+    all_logits: bool = False,
+) -> tuple[np.ndarray, KVCache]:
+    """Run tokens through every layer, appending to `cache` (None: start empty).
+
+    Returns the logits of the last token (V,), or of every token (T, V) with
+    `all_logits`, and the extended cache.
+    """
+    x = embed(weights, token_ids)  # (T, D)
+    layer_caches = []
+    for i, lw in enumerate(weights.layers):
+        x, layer_cache = decoder_layer(x, lw, weights.config, positions, None if cache is None else cache[i])
+        layer_caches.append(layer_cache)
+    logits = lm_head(weights, x if all_logits else x[-1:])  # (T, V) or (1, V)
+    return (logits if all_logits else logits[0]), tuple(layer_caches)
+
+
+def prefill(weights: Weights, token_ids, all_logits: bool = False) -> tuple[np.ndarray, KVCache]:
+    """The whole prompt at positions 0 .. N-1, from an empty cache."""
+    token_ids = np.asarray(token_ids, dtype=np.int64)
+    return forward(weights, token_ids, np.arange(len(token_ids), dtype=np.int64), None, all_logits)
+
+
+def decode_step(weights: Weights, cache: KVCache, token: int, position: int) -> tuple[np.ndarray, KVCache]:
+    """One generated token at `position`: its logits (V,) and the cache with it appended."""
+    return forward(
+        weights, np.array([token], dtype=np.int64), np.array([position], dtype=np.int64), cache
+    )

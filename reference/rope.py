@@ -1,0 +1,63 @@
+"""Rotary position embedding, in Hugging Face's half-split layout.
+
+Each head vector x of size d is seen as two halves (x1, x2); position p turns
+pair (x1[i], x2[i]) by the angle p * inv_freq[i]:
+
+    rope(x, p) = x * cos(p θ) + rotate_half(x) * sin(p θ),   rotate_half(x) = (-x2, x1)
+
+Angles are computed in float64 and rounded once to the compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from reference.config import Config
+
+
+def inverse_frequencies(cfg: Config) -> np.ndarray:
+    """θ_i = 1 / theta^(2i/d), i = 0 .. d/2-1, rescaled as the config's rope_scaling says."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d)  # (d/2,)
+    rs = cfg.rope_scaling
+    if rs.rope_type == "linear":
+        return inv_freq / rs.factor
+    if rs.rope_type == "llama3":
+        return _llama3_scaling(inv_freq, rs)
+    return inv_freq
+
+
+def _llama3_scaling(inv_freq: np.ndarray, rs) -> np.ndarray:
+    """Llama 3.1: slow long wavelengths by `factor`, keep short ones, blend in between."""
+    wavelen = 2.0 * math.pi / inv_freq
+    low_freq_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_freq_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor
+    )
+    blended = (1.0 - smooth) * inv_freq / rs.factor + smooth * inv_freq
+    return np.where(
+        wavelen > low_freq_wavelen,
+        inv_freq / rs.factor,  # long wavelengths: scaled
+        np.where(wavelen < high_freq_wavelen, inv_freq, blended),  # short: kept; medium: blended
+    )
+
+
+def rope_tables(cfg: Config, positions: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of every angle, each (T, d): the half-size table repeated twice."""
+    angles = positions.astype(np.float64)[:, None] * inverse_frequencies(cfg)[None, :]  # (T, d/2)
+    angles = np.concatenate([angles, angles], axis=-1)  # (T, d)
+    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+
+
+def rotate_half(x: np.ndarray) -> np.ndarray:
+    """(x1, x2) -> (-x2, x1) along the last axis."""
+    x1, x2 = np.split(x, 2, axis=-1)
+    return np.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """x (n_heads, T, d) rotated by the angles of its T positions."""
+    return x * cos + rotate_half(x) * sin

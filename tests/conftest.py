@@ -1,0 +1,30 @@
+"""Shared fixtures: the tiny committed checkpoints and SmolLM2 (fetched by `make test`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+CHECKPOINTS = Path(__file__).resolve().parent.parent / "reference" / "checkpoints"
+TINY = ["tiny-llama", "tiny-qwen2"]
+
+
+@pytest.fixture(params=TINY)
+def tiny_dir(request) -> Path:
+    return CHECKPOINTS / request.param
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2's converted directory; in CI its absence is a failure, elsewhere a skip."""
+    from reference.errors import OracleError
+    from reference.fetch import resolve_model
+
+    try:
+        return resolve_model("smollm2")
+    except OracleError as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"SmolLM2 is missing in CI (make test fetches it first): {e}")
+        pytest.skip(f"SmolLM2 not fetched: {e}")
