@@ -15,7 +15,7 @@ import numpy as np
 from reference.tokenizer import Tokenizer, encode_chat
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-QUESTION = "What is the pass key? The pass key is"
+QUESTION = "What is the pass key?"
 
 
 @dataclass(frozen=True)
