@@ -132,3 +132,52 @@ def test_smollm2_greedy_continuations_are_token_identical(smollm2_dir):
                                  pad_token_id=eos[0])
         theirs = out[0, len(ids):].tolist()
         assert ours == theirs, f"{text!r}: ours {tok.decode(ours)!r} vs transformers {tok.decode(theirs)!r}"
+
+
+def _variant(tmp_path, change: dict, biases: bool = False):
+    """tiny-llama with a changed config.json (and, with `biases`, random q/k/v/o biases added)."""
+    import json
+    import shutil
+
+    from reference.safetensors_io import map_tensor, open_mapped, read_header, save
+    from tests.conftest import CHECKPOINTS
+
+    d = tmp_path / "variant"
+    shutil.copytree(CHECKPOINTS / "tiny-llama", d)
+    cfg = json.loads((d / "config.json").read_text()) | change
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    (d / "config.json").write_text(json.dumps(cfg))
+    if biases:
+        rng = np.random.default_rng(7)
+        for shard in sorted(d.glob("model-*.safetensors")):
+            header = read_header(shard)
+            mapped = open_mapped(header)
+            tensors = {n: np.array(map_tensor(header, n, mapped)) for n in header.tensors}
+            for name in [n for n in tensors if n.endswith("_proj.weight") and ".self_attn." in n]:
+                tensors[name.replace(".weight", ".bias")] = rng.standard_normal(tensors[name].shape[0]).astype(np.float32)
+            del mapped
+            save(tensors, shard)
+        index = json.loads((d / "model.safetensors.index.json").read_text())
+        index["weight_map"] |= {n.replace(".weight", ".bias"): s for n, s in index["weight_map"].items()
+                                if n.endswith("_proj.weight") and ".self_attn." in n}
+        (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    return d
+
+
+@pytest.mark.parametrize(
+    "name, change, biases",
+    [
+        ("llama, linear rope scaling", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, False),
+        ("llama, no rope scaling", {"rope_scaling": None}, False),
+        ("llama, attention_bias (q/k/v/o biases)", {"attention_bias": True}, True),
+        ("mistral", {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "rope_scaling": None,
+                     "sliding_window": None}, False),
+    ],
+)
+def test_architecture_variants_match_transformers(tmp_path, name, change, biases):
+    d = _variant(tmp_path, change, biases)
+    ids = np.random.default_rng(11).integers(0, 259, 300).tolist()
+    weights = load_weights(d, "float64")
+    assert weights.config.o_proj_bias == biases
+    ours, _ = prefill(weights, ids, all_logits=True)
+    assert_logits_agree(ours, hf_logits(hf_model(d, "float64"), ids), "float64")
