@@ -16,7 +16,9 @@ import numpy as np
 from reference.checkpoint import Weights
 from reference.config import Config
 from reference.errors import OracleError
-from reference.model import decode_step, prefill
+from reference.methods import PrefillResult, run_prefill
+from reference.model import decode_step
+from reference.params import Params
 
 
 @dataclass
@@ -26,6 +28,7 @@ class Generation:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     stopped_at_eos: bool = False
+    prefill: PrefillResult | None = None  # the method's decisions and per-layer record
 
 
 def check_prompt(cfg: Config, prompt_ids, max_new_tokens: int = 0) -> np.ndarray:
@@ -73,18 +76,28 @@ def greedy_token(logits: np.ndarray) -> int:
 
 
 def generate(
-    weights: Weights, prompt_ids, max_new_tokens: int, eos_ids=(), on_token=None
+    weights: Weights,
+    prompt_ids,
+    max_new_tokens: int,
+    eos_ids=(),
+    on_token=None,
+    method: str = "full",
+    params: Params | None = None,
 ) -> Generation:
-    """Greedy continuation of the prompt; `on_token(id)` is called as each token is chosen."""
+    """Greedy continuation of the prompt after a prefill with `method`.
+
+    Decoding continues at the position the method leaves (N for one-shot
+    methods, |kept| after a second pass); `on_token(id)` sees each token.
+    """
     ids = check_prompt(weights.config, prompt_ids, max_new_tokens)
     result = Generation(prompt_ids=ids.tolist())
+    start = time.perf_counter()
+    result.prefill = run_prefill(weights, ids, method, params)
+    result.prefill_seconds = time.perf_counter() - start
     if max_new_tokens == 0:
         return result
+    logits, cache, position = result.prefill.logits, result.prefill.cache, result.prefill.next_position
     start = time.perf_counter()
-    logits, cache = prefill(weights, ids)
-    result.prefill_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    position = len(ids)
     while True:
         token = greedy_token(logits)
         result.generated_ids.append(token)

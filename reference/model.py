@@ -84,6 +84,11 @@ def extend_cache(
     )
 
 
+def cached_keys(cache: LayerCache) -> np.ndarray:
+    """The keys of a cache whose heads hold the same tokens, stacked: (H_kv, S, hd)."""
+    return np.stack([h.k for h in cache])
+
+
 def attend(q: np.ndarray, cache: LayerCache, positions: np.ndarray, cfg: Config) -> np.ndarray:
     """Each query head h attends over the cache of KV head h // G; q (H, T, hd) -> (T, H*hd)."""
     G = cfg.group_size
@@ -95,13 +100,17 @@ def attend(q: np.ndarray, cache: LayerCache, positions: np.ndarray, cfg: Config)
 
 def decoder_layer(
     x: np.ndarray, lw: LayerWeights, cfg: Config, positions: np.ndarray, cache: LayerCache | None
-) -> tuple[np.ndarray, LayerCache]:
-    """One pre-norm block: x + attn(norm(x)), then + mlp(norm(.)); x (T, D)."""
+) -> tuple[np.ndarray, LayerCache, np.ndarray]:
+    """One pre-norm block: x + attn(norm(x)), then + mlp(norm(.)); x (T, D).
+
+    Returns the new hidden states, the layer's extended cache, and the rotated
+    queries q (H, T, hd), which token scoring reads.
+    """
     q, k, v = project_qkv(rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), lw, cfg, positions)
     cache = extend_cache(cache, k, v, positions)
     x = x + linear(attend(q, cache, positions, cfg), lw.wo, lw.bo)
     x = x + mlp(rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps), lw)
-    return x, cache
+    return x, cache, q
 
 
 def embed(weights: Weights, token_ids: np.ndarray) -> np.ndarray:
@@ -129,7 +138,7 @@ def forward(
     x = embed(weights, token_ids)  # (T, D)
     layer_caches = []
     for i, lw in enumerate(weights.layers):
-        x, layer_cache = decoder_layer(x, lw, weights.config, positions, None if cache is None else cache[i])
+        x, layer_cache, _ = decoder_layer(x, lw, weights.config, positions, None if cache is None else cache[i])
         layer_caches.append(layer_cache)
     logits = lm_head(weights, x if all_logits else x[-1:])  # (T, V) or (1, V)
     return (logits if all_logits else logits[0]), tuple(layer_caches)

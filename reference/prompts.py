@@ -41,3 +41,42 @@ def passkey_prompt(
     text = intro + FILLER * before + needle + FILLER * (n_filler - before) + "\n\n" + QUESTION
     ids = encode_chat(tok, text) if chat else tok.encode(text)
     return NeedlePrompt(ids=ids, text=text, answer=key, needle=needle)
+
+
+NEEDLE_KEYS = ["apple", "river", "candle", "violet", "harbor", "pepper", "meadow", "copper",
+               "lantern", "falcon", "willow", "marble", "thunder", "saddle", "orchid", "glacier"]
+
+
+def kv_needles_prompt(
+    tok: Tokenizer, n_tokens: int = 1000, n_needles: int = 8, seed: int = 0, chat: bool = True
+) -> NeedlePrompt:
+    """RULER-style multi-key retrieval: n_needles similar "special magic number" sentences, one asked for."""
+    rng = np.random.default_rng(seed)
+    keys = [str(k) for k in rng.choice(NEEDLE_KEYS, size=n_needles, replace=False)]
+    values = [str(int(v)) for v in rng.integers(1_000_000, 10_000_000, size=n_needles)]
+    asked = int(rng.integers(n_needles))
+    needles = [f"One of the special magic numbers for {k} is: {v}. " for k, v in zip(keys, values)]
+    question = f"What is the special magic number for {keys[asked]}?"
+    intro = "Some special magic numbers are hidden inside the following text. Memorize them.\n\n"
+    fixed = len(tok.encode(intro + "".join(needles) + "\n\n" + question, add_special_tokens=False))
+    per_filler = len(tok.encode(FILLER * 10, add_special_tokens=False)) / 10
+    n_filler = max(n_needles, round((n_tokens - fixed - 40) / per_filler))
+    slots = np.sort(rng.choice(np.arange(1, n_filler), size=n_needles, replace=False))  # filler index before each needle
+    parts, last = [intro], 0
+    for slot, needle in zip(slots, needles):
+        parts += [FILLER * (slot - last), needle]
+        last = slot
+    text = "".join(parts) + FILLER * (n_filler - last) + "\n\n" + question
+    ids = encode_chat(tok, text) if chat else tok.encode(text)
+    return NeedlePrompt(ids=ids, text=text, answer=values[asked], needle=needles[asked])
+
+
+def needle_token_positions(tok: Tokenizer, prompt: NeedlePrompt) -> list[int]:
+    """Positions in prompt.ids of every occurrence of the answer's tokens (as the tokenizer splits it)."""
+    target = tok.encode(prompt.answer, add_special_tokens=False)
+    ids = prompt.ids
+    found = []
+    for start in range(len(ids) - len(target) + 1):
+        if ids[start : start + len(target)] == target:
+            found += range(start, start + len(target))
+    return found

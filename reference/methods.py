@@ -1,0 +1,249 @@
+"""Prefill with a pruning method: full, snapkv, fastkv, gemfilter, asl, asl-2pass (SPEC sections 2-6).
+
+All methods share one layer loop (`one_pass`) and the scoring of
+`scoring.py`; they differ only in when they score and what they keep:
+
+- full:      every layer holds all N tokens.
+- snapkv:    full, but each layer's cache keeps B - w best prefix tokens per KV
+             head plus the window (`--kv-budget`, combinable with every method).
+- fastkv:    at the fixed layer ℓ_f, keep top(k') ∪ window for deeper layers.
+- asl:       score from L_min - L_obs + 1 on; at the first ℓ ≥ L_min whose
+             relative rank variance is < τ, keep top(k') ∪ window (one shot,
+             original positions).
+- gemfilter: run layers 0 .. ℓ_g, score by the last query's raw dot products,
+             then run the model again on the kept token ids at positions 0 ..
+- asl-2pass: ASL's layer and kept set, then GemFilter's second pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from reference.checkpoint import Weights
+from reference.config import Config
+from reference.criterion import fires, rank_variance, relative_ratio
+from reference.model import (
+    HeadCache,
+    KVCache,
+    LayerCache,
+    cached_keys,
+    decoder_layer,
+    embed,
+    lm_head,
+    project_qkv,
+    rms_norm,
+)
+from reference.params import GEMFILTER_KERNEL, Params, check_params
+from reference.scoring import group_scores, last_query_scores, pooled_head_scores, token_scores
+from reference.selection import (
+    best,
+    boundary_gap,
+    kept_with_window,
+    ranks,
+    select_k_prime,
+    top_from_ranks,
+)
+
+
+@dataclass
+class LayerRecord:
+    """What one layer did during prefill (SPEC section 6); `trace.py` writes it out."""
+
+    layer: int
+    prefill_tokens: int  # tokens this layer processed
+    flops: int  # analytic prefill FLOPs of this layer (`layer_flops`)
+    kv_positions: list[np.ndarray] = field(default_factory=list)  # per KV head: cached positions after prefill
+    scores: np.ndarray | None = None  # scored layers: token scores (n-w,) or GemFilter's (N,)
+    ranks: np.ndarray | None = None  # scored layers: ranks (n-w,)
+    boundary_gap: float | None = None  # score of the last kept minus the first left out
+    union_size: int | None = None  # ASL, ℓ ≥ L_min: |U|
+    v: float | None = None
+    ratio: float | None = None
+    margin: float | None = None  # ratio - τ
+
+    @property
+    def kv_tokens(self) -> list[int]:
+        return [len(p) for p in self.kv_positions]
+
+
+@dataclass
+class PrefillResult:
+    method: str
+    params: Params
+    logits: np.ndarray  # (V,) next-token logits after the prompt
+    cache: KVCache
+    next_position: int  # position of the first generated token
+    select_layer: int | None  # ASL's ℓ*, FastKV's ℓ_f, GemFilter's ℓ_g; None when nothing was selected
+    kept_positions: np.ndarray | None  # prompt positions that continue (one-shot) or are re-run (two-pass)
+    layers: list[LayerRecord]  # the pass whose cache decoding uses
+    first_pass: list[LayerRecord] | None = None  # two-pass methods: the scoring pass
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- cost model
+
+
+def layer_flops(cfg: Config, n: int) -> int:
+    """Multiply-adds × 2 of one layer over n tokens with causal attention.
+
+    Projections q, k, v, o; attention q·k and p·v over the n(n+1)/2 visible
+    pairs; the SwiGLU MLP. Norms, rotary, softmax and scoring are left out.
+    """
+    D, F, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    H, H_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    projections = 2 * n * D * (2 * H * hd + 2 * H_kv * hd)
+    attention = 2 * 2 * H * hd * (n * (n + 1) // 2)
+    mlp = 2 * n * 3 * D * F
+    return projections + attention + mlp
+
+
+def qk_flops(cfg: Config, n: int) -> int:
+    """GemFilter's filter layer: only the q and k projections are needed."""
+    return 2 * n * cfg.hidden_size * (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim
+
+
+# ---------------------------------------------------------------- SnapKV
+
+
+def snapkv_compress(cache: LayerCache, p_heads: np.ndarray, group_size: int, budget: int, window: int) -> LayerCache:
+    """Each KV head keeps its B - w best prefix tokens by score_g, plus the window (n > B only)."""
+    n = len(cache[0].pos)
+    if n <= budget:
+        return cache
+    score_g = group_scores(p_heads, group_size)  # (H_kv, n-w)
+    compressed = []
+    for g, head in enumerate(cache):
+        keep = kept_with_window(best(score_g[g], budget - window), n, window)  # (B,)
+        compressed.append(HeadCache(head.k[keep], head.v[keep], head.pos[keep]))
+    return tuple(compressed)
+
+
+# ---------------------------------------------------------------- the layer loop
+
+
+@dataclass
+class PassResult:
+    logits: np.ndarray | None
+    cache: KVCache
+    layers: list[LayerRecord]
+    select_layer: int | None
+    kept: np.ndarray | None  # indices into this pass's tokens (= positions for a first pass)
+
+
+def one_pass(
+    weights: Weights, ids: np.ndarray, p: Params, selector: str | None, stop_at_selection: bool = False
+) -> PassResult:
+    """Run the prompt through the layers at positions 0 .. N-1.
+
+    selector: None (no selection), "fastkv" (select at ℓ_f) or "asl" (the
+    criterion). SnapKV applies at every layer when p.kv_budget is set.
+    """
+    cfg = weights.config
+    N, w, G = len(ids), p.window, cfg.group_size
+    positions = np.arange(N, dtype=np.int64)
+    k_prime = select_k_prime(p.select_k, N, w)
+    first_scored = {"fastkv": p.select_layer, "asl": p.l_min - p.l_obs + 1}.get(selector, cfg.num_hidden_layers)
+    x = embed(weights, ids)  # (N, D)
+    records, caches, history = [], [], []
+    v0 = select_layer = kept = None
+    for layer, lw in enumerate(weights.layers):
+        n = len(positions)
+        x, cache, q = decoder_layer(x, lw, cfg, positions, None)  # q (H, n, hd)
+        record = LayerRecord(layer, n, layer_flops(cfg, n))
+        p_heads = None
+        if selector is not None and select_layer is None and layer >= first_scored:
+            p_heads = pooled_head_scores(q[:, -w:], cached_keys(cache), G, p.kernel, p.pooling)  # (H, n-w)
+            score = token_scores(p_heads)  # (n-w,)
+            rank = ranks(score)  # (n-w,)
+            history.append(rank)
+            record.scores, record.ranks, record.boundary_gap = score, rank, boundary_gap(score, k_prime)
+            decide = layer == p.select_layer if selector == "fastkv" else False
+            if selector == "asl" and layer >= p.l_min:
+                var = rank_variance(history[-p.l_obs :], k_prime)
+                v0 = var if layer == p.l_min else v0
+                ratio = relative_ratio(var, v0)
+                record.union_size, record.v = var.union_size, var.v
+                record.ratio, record.margin = float(ratio), float(ratio) - p.tau
+                decide = fires(ratio, p.tau)
+            if decide:
+                select_layer = layer
+                kept = kept_with_window(top_from_ranks(rank, k_prime), n, w)  # (min(k, N),)
+        if p.kv_budget is not None and n > p.kv_budget:
+            if p_heads is None:
+                p_heads = pooled_head_scores(q[:, -w:], cached_keys(cache), G, p.kernel, p.pooling)
+            cache = snapkv_compress(cache, p_heads, G, p.kv_budget, w)
+        record.kv_positions = [h.pos for h in cache]
+        records.append(record)
+        caches.append(cache)
+        if select_layer == layer:
+            if stop_at_selection:
+                return PassResult(None, tuple(caches), records, select_layer, kept)
+            x, positions = x[kept], positions[kept]
+    logits = lm_head(weights, x[-1:])[0]  # (V,) from the last prompt token
+    return PassResult(logits, tuple(caches), records, select_layer, kept)
+
+
+def gemfilter_first_pass(weights: Weights, ids: np.ndarray, p: Params) -> tuple[np.ndarray, list[LayerRecord]]:
+    """Layers 0 .. ℓ_g-1 in full, then at ℓ_g only q and k: the kept token indices, ascending."""
+    cfg = weights.config
+    N = len(ids)
+    positions = np.arange(N, dtype=np.int64)
+    x = embed(weights, ids)
+    records = []
+    for layer in range(p.filter_layer):
+        x, cache, _ = decoder_layer(x, weights.layers[layer], cfg, positions, None)
+        records.append(LayerRecord(layer, N, layer_flops(cfg, N), [h.pos for h in cache]))
+    lw = weights.layers[p.filter_layer]
+    q, k, _ = project_qkv(rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), lw, cfg, positions)
+    score = last_query_scores(q[:, -1], k, cfg.group_size, GEMFILTER_KERNEL)  # (N,)
+    count = min(p.select_k, N)
+    record = LayerRecord(p.filter_layer, N, qk_flops(cfg, N), scores=score, ranks=ranks(score),
+                         boundary_gap=boundary_gap(score, count))
+    records.append(record)
+    return best(score, count), records
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def run_prefill(weights: Weights, prompt_ids, method: str = "full", params: Params | None = None) -> PrefillResult:
+    """Prefill the prompt with `method`; the result holds logits, cache and every decision."""
+    p = params or Params()
+    check_params(method, p, weights.config.num_hidden_layers)
+    ids = np.asarray(prompt_ids, dtype=np.int64)
+    N = len(ids)
+    notes = []
+    uses_window = method in ("snapkv", "fastkv", "asl", "asl-2pass")
+    if method != "full" and N <= p.window and (uses_window or method == "gemfilter"):
+        notes.append(f"N ≤ w ({N} ≤ {p.window}): no token can be scored; ran as full")
+        method_run = "full"
+    else:
+        method_run = method
+    if method_run in ("fastkv", "asl", "asl-2pass", "gemfilter") and N <= p.select_k:
+        notes.append(f"N ≤ k ({N} ≤ {p.select_k}): the kept set is the whole prompt")
+
+    def result(pass_: PassResult, next_position, select_layer, kept, first_pass=None) -> PrefillResult:
+        return PrefillResult(method, p, pass_.logits, pass_.cache, next_position, select_layer, kept,
+                             pass_.layers, first_pass, notes)
+
+    if method_run in ("full", "snapkv"):
+        run = one_pass(weights, ids, p, None)
+        return result(run, N, None, None)
+    if method_run in ("fastkv", "asl"):
+        run = one_pass(weights, ids, p, method_run)
+        if run.select_layer is None:
+            notes.append("the criterion never fired: nothing was selected; ran as full")
+        return result(run, N, run.select_layer, run.kept)
+    if method_run == "gemfilter":
+        kept, first = gemfilter_first_pass(weights, ids, p)
+        second = one_pass(weights, ids[kept], p, None)
+        return result(second, len(kept), p.filter_layer, kept, first)
+    # asl-2pass: ASL's criterion and kept set, then a fresh pass on the kept ids
+    first = one_pass(weights, ids, p, "asl", stop_at_selection=True)
+    if first.select_layer is None:
+        notes.append("the criterion never fired: no second pass; ran as full")
+        return result(first, N, None, None)
+    second = one_pass(weights, ids[first.kept], p, None)
+    return result(second, len(first.kept), first.select_layer, first.kept, first.layers)

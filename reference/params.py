@@ -1,0 +1,90 @@
+"""Method names and parameters (SPEC's table), with their defaults and range checks.
+
+A parameter is checked only when the chosen method uses it; a value out of its
+range is an OracleError that names the parameter and the allowed range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from reference.errors import OracleError
+
+METHODS = ("full", "snapkv", "fastkv", "gemfilter", "asl", "asl-2pass")
+POOLINGS = ("avg", "max")
+GEMFILTER_KERNEL = 5  # GemFilter's own pooling width, not the `kernel` parameter
+
+# which parameters each method reads (kv_budget: any method, when set)
+USES = {
+    "full": (),
+    "snapkv": ("window", "kernel", "pooling"),
+    "fastkv": ("window", "kernel", "pooling", "select_k", "select_layer"),
+    "gemfilter": ("select_k", "filter_layer"),
+    "asl": ("window", "kernel", "pooling", "select_k", "tau", "l_min", "l_obs"),
+    "asl-2pass": ("window", "kernel", "pooling", "select_k", "tau", "l_min", "l_obs"),
+}
+
+
+@dataclass(frozen=True)
+class Params:
+    """SPEC's parameters; names as on the command line (with dashes) and in traces."""
+
+    window: int = 32  # w: trailing prompt tokens whose queries score the rest; always kept
+    kernel: int = 7  # s: width of the pooling over token scores (odd)
+    pooling: str = "avg"  # "avg" (zero padded, divisor s) or "max"
+    select_k: int = 2048  # k: tokens propagated past the selection layer, window included
+    tau: float = 0.3  # τ: threshold on the relative rank variance
+    l_min: int = 10  # L_min: first layer at which ASL may decide
+    l_obs: int = 8  # L_obs: most recent layers whose ranks are compared
+    kv_budget: int | None = None  # B: per-layer, per-KV-head cache size after prefill (SnapKV)
+    select_layer: int = 15  # ℓ_f: FastKV's fixed selection layer
+    filter_layer: int = 13  # ℓ_g: GemFilter's fixed filter layer
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _fail(name: str, allowed: str, got) -> OracleError:
+    return OracleError(f"parameter {name.replace('_', '-')} must be {allowed}, got {got!r}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_params(method: str, p: Params, n_layers: int) -> None:
+    """Refuse a method or parameter value outside SPEC's ranges, naming it.
+
+    Checked: the parameters the method reads, plus w, s and pooling whenever
+    B is set (SnapKV scores with them under every method).
+    """
+    if method not in METHODS:
+        raise OracleError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "snapkv" and p.kv_budget is None:
+        raise OracleError("method snapkv needs --kv-budget B (the per-layer, per-KV-head cache size)")
+    used = set(USES[method]) | ({"window", "kernel", "pooling", "kv_budget"} if p.kv_budget is not None else set())
+    for name in ("window", "kernel", "select_k", "l_min", "l_obs", "select_layer", "filter_layer", "kv_budget"):
+        if name in used and not _is_int(getattr(p, name)):
+            raise _fail(name, "an integer", getattr(p, name))
+    if "window" in used and p.window < 1:
+        raise _fail("window", "≥ 1", p.window)
+    if "kernel" in used and (p.kernel < 1 or p.kernel % 2 == 0):
+        raise _fail("kernel", "odd and ≥ 1", p.kernel)
+    if "pooling" in used and p.pooling not in POOLINGS:
+        raise _fail("pooling", f"one of {', '.join(POOLINGS)}", p.pooling)
+    if "select_k" in used:
+        if "window" in USES[method] and p.select_k <= p.window:
+            raise _fail("select_k", f"> window ({p.window})", p.select_k)
+        if p.select_k < 1:
+            raise _fail("select_k", "≥ 1", p.select_k)
+    if "l_min" in used and not 1 <= p.l_min < n_layers:
+        raise _fail("l_min", f"in [1, {n_layers}) (L_min ≥ 1 leaves room for 2 observed layers; L_min < L = {n_layers})", p.l_min)
+    if "l_obs" in used and not 2 <= p.l_obs <= p.l_min + 1:
+        raise _fail("l_obs", f"in [2, l-min + 1 = {p.l_min + 1}] (one layer has no variance)", p.l_obs)
+    if "tau" in used and not (isinstance(p.tau, (int, float)) and not isinstance(p.tau, bool) and p.tau > 0):
+        raise _fail("tau", "a number > 0", p.tau)
+    for name in ("select_layer", "filter_layer"):
+        if name in used and not 0 <= getattr(p, name) < n_layers:
+            raise _fail(name, f"in [0, {n_layers}) (the model's layers)", getattr(p, name))
+    if "kv_budget" in used and p.kv_budget <= p.window:
+        raise _fail("kv_budget", f"> window ({p.window})", p.kv_budget)

@@ -1,0 +1,78 @@
+"""Token scores (SPEC section 1): how much the last w prompt queries attend to each earlier token.
+
+Scoring only computes numbers; turning them into kept positions is
+`selection.py`'s job. Symbols: n tokens in the layer, w window, s kernel,
+H query heads, H_kv KV heads, G = H / H_kv; docs/shapes.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def window_attention(q_window: np.ndarray, k: np.ndarray, group_size: int) -> np.ndarray:
+    """Softmax attention of the last w queries over all n keys, causal inside the window.
+
+    q_window (H, w, hd): queries of tokens n-w .. n-1; k (H_kv, n, hd). Query
+    n-w+i sees keys 0 .. n-w+i. Computed in at least float32. Returns (H, w, n).
+    """
+    H, w, hd = q_window.shape
+    n = k.shape[1]
+    dtype = np.promote_types(q_window.dtype, np.float32)
+    k_per_head = np.repeat(k, group_size, axis=0).astype(dtype, copy=False)  # (H, n, hd): head h reads KV head h // G
+    logits = (q_window.astype(dtype, copy=False) @ k_per_head.transpose(0, 2, 1)) * (1.0 / float(np.sqrt(hd)))  # (H, w, n)
+    query_index = np.arange(n - w, n)  # (w,)
+    logits[:, np.arange(n)[None, :] > query_index[:, None]] = -np.inf  # (H, w, n), masked in place
+    logits -= logits.max(axis=-1, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=-1, keepdims=True)
+    return logits  # (H, w, n)
+
+
+def prefix_attention(q_window: np.ndarray, k: np.ndarray, group_size: int) -> np.ndarray:
+    """u[h, j] = Σ_i attn[h, i, j] over the w window queries, for prefix tokens j < n - w. (H, n-w)."""
+    w = q_window.shape[1]
+    attn = window_attention(q_window, k, group_size)  # (H, w, n)
+    return attn[:, :, : k.shape[1] - w].sum(axis=1)  # (H, n-w)
+
+
+def pool(u: np.ndarray, kernel: int, kind: str = "avg") -> np.ndarray:
+    """1-D pooling along the last axis: width s, stride 1, s//2 padding on each side.
+
+    avg: the padding counts as zeros and the divisor is always s (also at the
+    edges). max: the padding never wins. Output has u's shape.
+    """
+    half = kernel // 2
+    pad_value = 0.0 if kind == "avg" else -np.inf
+    padded = np.pad(u, [(0, 0)] * (u.ndim - 1) + [(half, half)], constant_values=pad_value)  # (..., n + 2·half)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, kernel, axis=-1)  # (..., n, s)
+    if kind == "avg":
+        return windows.sum(axis=-1) / float(kernel)
+    return windows.max(axis=-1)
+
+
+def pooled_head_scores(q_window, k, group_size: int, kernel: int, pooling: str) -> np.ndarray:
+    """p[h, j] = pool(u[h, :])[j]: steps 1-4 of SPEC section 1. (H, n-w)."""
+    return pool(prefix_attention(q_window, k, group_size), kernel, pooling)
+
+
+def token_scores(p: np.ndarray) -> np.ndarray:
+    """score[j] = Σ_h p[h, j], summed over every query head (ASL, FastKV). (n-w,)."""
+    return p.sum(axis=0)
+
+
+def group_scores(p: np.ndarray, group_size: int) -> np.ndarray:
+    """score_g[j] = Σ over the heads h of KV group g of p[h, j] (SnapKV). (H_kv, n-w)."""
+    H, n = p.shape
+    return p.reshape(H // group_size, group_size, n).sum(axis=1)
+
+
+def last_query_scores(q_last: np.ndarray, k: np.ndarray, group_size: int, kernel: int = 5) -> np.ndarray:
+    """GemFilter: Σ_h Q[h, N-1] · K[h//G, j] (raw dot products: no scaling, no softmax), avg-pooled. (N,).
+
+    q_last (H, hd); k (H_kv, N, hd).
+    """
+    H, hd = q_last.shape
+    q_groups = q_last.reshape(H // group_size, group_size, hd).sum(axis=1)  # (H_kv, hd): Σ over the group's heads
+    dots = np.einsum("gd,gnd->n", q_groups, k)  # (N,)
+    return pool(dots[None, :], kernel, "avg")[0]
