@@ -4,13 +4,14 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ASL    := $(VENV)/bin/asl
 
-.PHONY: demo test venv venv-test smollm2 tiny-checkpoints bench clean help
+.PHONY: demo test venv venv-test smollm2 tiny-checkpoints goldens bench clean help
 
 help:
 	@echo "make demo   - set up .venv, fetch SmolLM2 (once), answer a pass key hidden in ~1K tokens"
 	@echo "make test   - set up .venv with the test extras and run the whole suite"
 	@echo "make bench  - prefill speed and memory: reference vs transformers on SmolLM2"
 	@echo "make tiny-checkpoints - regenerate the committed tiny checkpoints (deterministic)"
+	@echo "make goldens - regenerate tests/goldens/ and print the diff of every change"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +45,9 @@ bench: $(VENV)/.test
 
 tiny-checkpoints: $(VENV)/.base
 	$(PY) -m reference.tiny
+
+goldens: $(VENV)/.base
+	$(PY) -m reference.goldens
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -85,7 +85,7 @@ def expected_tensors(cfg: Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _shard_files(model_dir: Path) -> dict[str, Path]:
+def shard_files(model_dir: Path) -> dict[str, Path]:
     """tensor name -> the .safetensors file that holds it."""
     single = model_dir / "model.safetensors"
     index = model_dir / "model.safetensors.index.json"
@@ -144,7 +144,7 @@ def load_weights(model_dir: str | Path, dtype: str = "float32") -> Weights:
         raise OracleError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     np_dtype = np.dtype(DTYPES[dtype])
     cfg = load_config(model_dir)
-    files = _shard_files(model_dir)
+    files = shard_files(model_dir)
     shapes = expected_tensors(cfg)
     missing = [name for name in shapes if name not in files]
     if missing:

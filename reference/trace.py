@@ -1,0 +1,418 @@
+"""The trace: a versioned record of every decision of one run (SPEC section 6).
+
+A trace is a JSON document (fields: `trace_schema.json`, docs/trace.md) and,
+optionally, a sibling `.npz` with its arrays (logits, per-layer scores and
+ranks, cached positions). `make_trace` builds both from a `Generation`;
+`save_trace` writes them; `load_trace` reads them back and refuses, with an
+OracleError that names the file and the JSON path, anything that does not
+follow the schema or whose fields disagree with each other.
+
++inf is a legal ratio (V0 = 0 < v_ℓ, SPEC "Oracle decisions"); JSON has no
+infinity, so it is written as the string "inf". NaN is never valid.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import zipfile
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from reference.config import Config
+from reference.errors import OracleError
+from reference.generate import Generation
+from reference.methods import LayerRecord, layer_flops
+
+SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).with_name("trace_schema.json")
+BYTES_PER_ELEMENT = {"float32": 4, "float64": 8}
+INF = "inf"  # JSON spelling of ratio = +inf (and margin = +inf)
+
+
+# ---------------------------------------------------------------- the model's identity
+
+
+def weight_files(model_dir: str | Path) -> list[Path]:
+    """model.safetensors, or the shards named in model.safetensors.index.json, in sorted name order."""
+    from reference.checkpoint import shard_files
+
+    return sorted(set(shard_files(Path(model_dir)).values()))
+
+
+def model_sha256(model_dir: str | Path) -> str:
+    """sha256 (hex) over the bytes of the weight files, concatenated in sorted name order."""
+    digest = hashlib.sha256()
+    for path in weight_files(model_dir):
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- making a trace
+
+
+def _number(x: float | None) -> float | str | None:
+    """A record's float as JSON: None stays null, +inf becomes "inf"."""
+    if x is None:
+        return None
+    return INF if x == math.inf else float(x)
+
+
+def _layer_entry(rec: LayerRecord) -> dict:
+    return {
+        "layer": rec.layer,
+        "prefill_tokens": rec.prefill_tokens,
+        "kv_tokens": rec.kv_tokens,
+        "flops": rec.flops,
+        "scored": rec.scores is not None,
+        "union_size": rec.union_size,
+        "v": _number(rec.v),
+        "ratio": _number(rec.ratio),
+        "margin": _number(rec.margin),
+        "boundary_gap": _number(rec.boundary_gap),
+    }
+
+
+def _scored_arrays(records: list[LayerRecord], prefix: str) -> dict[str, np.ndarray]:
+    arrays = {}
+    for rec in records:
+        if rec.scores is not None:
+            arrays[f"{prefix}ranks/{rec.layer}"] = np.asarray(rec.ranks, dtype=np.int64)  # (n-w,) or (N,)
+            arrays[f"{prefix}scores/{rec.layer}"] = np.asarray(rec.scores)  # (n-w,) or (N,)
+    return arrays
+
+
+def make_trace(
+    gen: Generation, *, model_name: str, model_sha256: str, config: Config, dtype: str
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """The JSON-ready record of a run and its arrays (for the sibling .npz)."""
+    run = gen.prefill
+    if run is None:
+        raise OracleError("the Generation carries no prefill record; make it with reference.generate.generate")
+    if dtype not in BYTES_PER_ELEMENT:
+        raise OracleError(f"dtype must be one of {', '.join(BYTES_PER_ELEMENT)}, got {dtype!r}")
+    if run.logits.dtype != np.dtype(dtype):
+        raise OracleError(f"the run computed in {run.logits.dtype}, but dtype={dtype!r} was given; pass the run's dtype")
+    L, H_kv, hd = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+    if len(run.layers) != L or any(len(rec.kv_positions) != H_kv for rec in run.layers):
+        raise OracleError(f"the config ({L} layers, {H_kv} KV heads) is not the one this run used; pass weights.config")
+    N = len(gen.prompt_ids)
+    bpe = BYTES_PER_ELEMENT[dtype]
+    layers = [_layer_entry(rec) for rec in run.layers]
+    first_pass = None if run.first_pass is None else [_layer_entry(rec) for rec in run.first_pass]
+    kv_bytes = sum(2 * t * hd * bpe for entry in layers for t in entry["kv_tokens"])
+    kv_bytes_full = 2 * L * H_kv * N * hd * bpe
+    trace = {
+        "schema_version": SCHEMA_VERSION,
+        "method": run.method,
+        "params": run.params.to_dict(),
+        "model": {
+            "name": model_name,
+            "sha256": model_sha256,
+            "model_type": config.model_type,
+            "num_hidden_layers": L,
+            "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": H_kv,
+            "head_dim": hd,
+            "hidden_size": config.hidden_size,
+            "intermediate_size": config.intermediate_size,
+            "vocab_size": config.vocab_size,
+        },
+        "dtype": dtype,
+        "prompt_ids": [int(t) for t in gen.prompt_ids],
+        "num_prompt_tokens": N,
+        "select_layer": run.select_layer,
+        "kept_positions": None if run.kept_positions is None else [int(p) for p in run.kept_positions],
+        "next_position": int(run.next_position),
+        "generated_ids": [int(t) for t in gen.generated_ids],
+        "notes": list(run.notes),
+        "layers": layers,
+        "first_pass": first_pass,
+        "totals": {
+            "bytes_per_element": bpe,
+            "kv_bytes": kv_bytes,
+            "kv_bytes_full": kv_bytes_full,
+            "kv_fraction": kv_bytes / kv_bytes_full,
+            "prefill_flops": sum(e["flops"] for e in (first_pass or []) + layers),
+            "prefill_flops_full": L * layer_flops(config, N),
+        },
+        "arrays_file": None,
+    }
+    arrays = {"logits": np.asarray(run.logits)}  # (V,)
+    arrays |= _scored_arrays(run.layers, "")
+    arrays |= _scored_arrays(run.first_pass or [], "first_pass/")
+    for rec in run.layers:
+        for g, pos in enumerate(rec.kv_positions):
+            arrays[f"kv_positions/{rec.layer}/{g}"] = np.asarray(pos, dtype=np.int64)  # (S,)
+    return trace, arrays
+
+
+# ---------------------------------------------------------------- validation
+
+
+class _Invalid(Exception):
+    """A rule broken at a JSON path (or array name); turned into an OracleError naming the file."""
+
+    def __init__(self, where: str, what: str):
+        super().__init__(f"{where}: {what}")
+
+
+@functools.lru_cache(maxsize=1)
+def _validator():
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator(json.loads(SCHEMA_PATH.read_text()))
+
+
+def _check_finite(value, where: str = "$") -> None:
+    """NaN is never valid, and +inf only as the string "inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        what = "NaN" if math.isnan(value) else f"the number {value}"
+        raise _Invalid(where, f"{what} is not valid; expected a finite number (an infinite ratio is written \"inf\")")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{where}[{i}]")
+
+
+def _check_schema(doc: dict) -> None:
+    from jsonschema.exceptions import best_match
+
+    error = best_match(_validator().iter_errors(doc))
+    if error is None:
+        return
+    if error.validator == "required":  # describe the missing field, not the object holding it
+        missing = next(name for name in error.schema["required"] if name not in error.instance)
+        field = error.schema["properties"][missing]
+        raise _Invalid(error.json_path, f"{error.message} (expected: {missing}, {field['description']})")
+    described = error  # an error inside anyOf: its parent carries the field's description
+    while described is not None and "description" not in described.schema:
+        described = described.parent
+    expected = f" (expected: {described.schema['description']})" if described is not None else ""
+    raise _Invalid(error.json_path, error.message + expected)
+
+
+def _check_layers(entries: list[dict], where: str, model: dict, max_tokens: int, first_pass: bool) -> None:
+    H_kv = model["num_key_value_heads"]
+    for i, e in enumerate(entries):
+        at = f"{where}[{i}]"
+        if e["layer"] != i:
+            raise _Invalid(f"{at}.layer", f"is {e['layer']}; expected {i} (entries are layers 0, 1, ... in order)")
+        may_be_empty = first_pass and i == len(entries) - 1
+        if len(e["kv_tokens"]) != H_kv and not (may_be_empty and not e["kv_tokens"]):
+            raise _Invalid(f"{at}.kv_tokens", f"has {len(e['kv_tokens'])} entries; expected one per KV head ({H_kv})")
+        if e["prefill_tokens"] > max_tokens:
+            raise _Invalid(f"{at}.prefill_tokens", f"is {e['prefill_tokens']}; expected at most {max_tokens}")
+        for g, t in enumerate(e["kv_tokens"]):
+            if t > e["prefill_tokens"]:
+                raise _Invalid(f"{at}.kv_tokens[{g}]", f"is {t}; expected at most prefill_tokens ({e['prefill_tokens']})")
+        asl = ("union_size", "v", "ratio", "margin")
+        if not e["scored"] and any(e[k] is not None for k in asl + ("boundary_gap",)):
+            raise _Invalid(at, "an unscored layer has a union_size, v, ratio, margin or boundary_gap; expected all null")
+        if len({e[k] is None for k in asl}) > 1:
+            raise _Invalid(at, "union_size, v, ratio and margin are partly null; "
+                           "expected all four (ASL, ℓ ≥ L_min) or none")
+
+
+def _check_margin(entries: list[dict], where: str, tau: float) -> None:
+    for i, e in enumerate(entries):
+        ratio, margin = e["ratio"], e["margin"]
+        if ratio is None:
+            continue
+        if (ratio == INF) != (margin == INF):
+            raise _Invalid(f"{where}[{i}].margin", f"is {margin!r} with ratio {ratio!r}; expected ratio - tau")
+        if ratio != INF and not math.isclose(margin, ratio - tau, rel_tol=1e-9, abs_tol=1e-12):
+            raise _Invalid(f"{where}[{i}].margin", f"is {margin}; expected ratio - tau = {ratio - tau}")
+
+
+def _check_consistency(doc: dict) -> None:
+    """The cross-field rules of docs/trace.md that the schema cannot express."""
+    model, N = doc["model"], doc["num_prompt_tokens"]
+    L, V = model["num_hidden_layers"], model["vocab_size"]
+    if len(doc["prompt_ids"]) != N:
+        raise _Invalid("$.num_prompt_tokens", f"is {N}; expected len(prompt_ids) = {len(doc['prompt_ids'])}")
+    for field in ("prompt_ids", "generated_ids"):
+        for i, t in enumerate(doc[field]):
+            if t >= V:
+                raise _Invalid(f"$.{field}[{i}]", f"is {t}; expected a token id in [0, {V}) (vocab_size)")
+    bpe = BYTES_PER_ELEMENT[doc["dtype"]]
+    if doc["totals"]["bytes_per_element"] != bpe:
+        got = doc["totals"]["bytes_per_element"]
+        raise _Invalid("$.totals.bytes_per_element", f"is {got}; expected {bpe} for {doc['dtype']}")
+    select, kept = doc["select_layer"], doc["kept_positions"]
+    if (select is None) != (kept is None):
+        raise _Invalid("$.kept_positions", "expected null exactly when select_layer is null")
+    if select is not None and select >= L:
+        raise _Invalid("$.select_layer", f"is {select}; expected a layer in [0, {L})")
+    if kept is not None:
+        if not kept or kept[0] < 0 or kept[-1] >= N or any(a >= b for a, b in zip(kept, kept[1:])):
+            raise _Invalid("$.kept_positions", f"expected a non-empty, strictly ascending list of positions in [0, {N})")
+    first = doc["first_pass"]
+    expected_next = N if first is None else (len(kept) if kept is not None else None)
+    if expected_next is None:
+        raise _Invalid("$.first_pass", "a two-pass trace needs kept_positions (the tokens of the second pass)")
+    if doc["next_position"] != expected_next:
+        rule = "N (one pass)" if first is None else "len(kept_positions) (second pass)"
+        raise _Invalid("$.next_position", f"is {doc['next_position']}; expected {rule} = {expected_next}")
+    if len(doc["layers"]) != L:
+        raise _Invalid("$.layers", f"has {len(doc['layers'])} entries; expected one per layer ({L})")
+    _check_layers(doc["layers"], "$.layers", model, expected_next, first_pass=False)
+    tau = doc["params"]["tau"]
+    _check_margin(doc["layers"], "$.layers", tau)
+    if first is not None:
+        if not 1 <= len(first) <= L:
+            raise _Invalid("$.first_pass", f"has {len(first)} entries; expected 1 to {L}")
+        _check_layers(first, "$.first_pass", model, N, first_pass=True)
+        _check_margin(first, "$.first_pass", tau)
+    _check_totals(doc, bpe)
+
+
+def _check_totals(doc: dict, bpe: int) -> None:
+    model, totals, N = doc["model"], doc["totals"], doc["num_prompt_tokens"]
+    L, H_kv, hd = model["num_hidden_layers"], model["num_key_value_heads"], model["head_dim"]
+    shape = SimpleNamespace(**{k: model[k] for k in ("hidden_size", "intermediate_size", "head_dim",
+                                                      "num_attention_heads", "num_key_value_heads")})
+    kv_bytes = sum(2 * t * hd * bpe for e in doc["layers"] for t in e["kv_tokens"])
+    expected = {
+        "kv_bytes": kv_bytes,
+        "kv_bytes_full": 2 * L * H_kv * N * hd * bpe,
+        "prefill_flops": sum(e["flops"] for e in (doc["first_pass"] or []) + doc["layers"]),
+        "prefill_flops_full": L * layer_flops(shape, N),
+    }
+    for key, value in expected.items():
+        if totals[key] != value:
+            raise _Invalid(f"$.totals.{key}", f"is {totals[key]}; expected {value} (docs/trace.md gives the formula)")
+    fraction = expected["kv_bytes"] / expected["kv_bytes_full"]
+    if not math.isclose(totals["kv_fraction"], fraction, rel_tol=1e-12):
+        raise _Invalid("$.totals.kv_fraction", f"is {totals['kv_fraction']}; expected kv_bytes / kv_bytes_full = {fraction}")
+
+
+def _expected_arrays(doc: dict) -> dict[str, int | None]:
+    """Array name -> its length (None: checked against its partner or the vocabulary)."""
+    names: dict[str, int | None] = {"logits": doc["model"]["vocab_size"]}
+    for prefix, entries in (("", doc["layers"]), ("first_pass/", doc["first_pass"] or [])):
+        for e in entries:
+            if e["scored"]:
+                names[f"{prefix}ranks/{e['layer']}"] = None
+                names[f"{prefix}scores/{e['layer']}"] = None
+    for e in doc["layers"]:
+        for g, t in enumerate(e["kv_tokens"]):
+            names[f"kv_positions/{e['layer']}/{g}"] = t
+    return names
+
+
+def _check_arrays(doc: dict, arrays: dict[str, np.ndarray]) -> None:
+    expected = _expected_arrays(doc)
+    missing = [name for name in expected if name not in arrays]
+    if missing:
+        raise _Invalid(f"array '{missing[0]}'", f"is missing ({len(missing)} missing in all); the JSON fields imply it")
+    extra = sorted(set(arrays) - set(expected))
+    if extra:
+        raise _Invalid(f"array '{extra[0]}'", "is not implied by the JSON fields (no such scored layer or KV head)")
+    for name, a in arrays.items():
+        kind = "f" if name == "logits" or "scores/" in name else "i"
+        if a.ndim != 1 or a.dtype.kind != kind:
+            want = "floating" if kind == "f" else "integer"
+            raise _Invalid(f"array '{name}'", f"has shape {a.shape} and dtype {a.dtype}; expected a 1-D {want} array")
+        if kind == "f" and np.isnan(a).any():
+            raise _Invalid(f"array '{name}'", "holds NaN; NaN is never valid")
+        if expected[name] is not None and len(a) != expected[name]:
+            raise _Invalid(f"array '{name}'", f"has length {len(a)}; expected {expected[name]}")
+    for name in expected:
+        if "ranks/" in name:
+            rank, score = arrays[name], arrays[name.replace("ranks/", "scores/")]
+            if len(rank) != len(score) or not np.array_equal(np.sort(rank), np.arange(1, len(rank) + 1)):
+                raise _Invalid(f"array '{name}'", "expected a permutation of 1 .. len(scores)")
+        if name.startswith("kv_positions/"):
+            pos = arrays[name]
+            if len(pos) and (pos[0] < 0 or pos[-1] >= doc["next_position"] or (np.diff(pos) <= 0).any()):
+                raise _Invalid(f"array '{name}'", f"expected strictly ascending positions in [0, {doc['next_position']})")
+
+
+def _validate(doc, arrays: dict[str, np.ndarray] | None) -> None:
+    if not isinstance(doc, dict):
+        raise _Invalid("$", f"is a JSON {type(doc).__name__}; expected an object")
+    version = doc.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise _Invalid("$.schema_version", f"is {version!r}; this reader understands {SCHEMA_VERSION} only "
+                       "(re-make the trace with this version of asl-oracle)")
+    _check_finite(doc)
+    _check_schema(doc)
+    _check_consistency(doc)
+    if arrays is not None:
+        _check_arrays(doc, arrays)
+
+
+# ---------------------------------------------------------------- saving and loading
+
+
+def save_trace(trace: dict, arrays: dict[str, np.ndarray], path: str | Path, *, with_arrays: bool) -> None:
+    """Write the JSON to `path` and, with_arrays, the arrays to `path` with suffix .npz; both are validated first."""
+    path = Path(path)
+    npz = path.with_suffix(".npz")
+    if npz == path:
+        raise OracleError(f"{path}: a trace's JSON file cannot end in .npz (its arrays go there); use .json")
+    doc = {**trace, "arrays_file": npz.name if with_arrays else None}
+    try:
+        _validate(doc, arrays if with_arrays else None)
+    except _Invalid as e:
+        raise OracleError(f"refusing to write {path}: {e}") from None
+    try:
+        if with_arrays:
+            np.savez_compressed(npz, **arrays)
+        path.write_text(json.dumps(doc, indent=1, sort_keys=True, allow_nan=False, ensure_ascii=False) + "\n")
+    except OSError as e:
+        raise OracleError(f"cannot write the trace to {path}: {e.strerror or e}") from None
+
+
+def _read_npz(path: Path, trace_name: str) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise OracleError(f"{path}: missing, but {trace_name} names it in arrays_file; copy it next to "
+                          "the JSON, or set arrays_file to null")
+    try:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array, not an .npz archive")
+        with npz:
+            return {name: npz[name] for name in npz.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise OracleError(f"{path}: not a readable .npz archive ({e}); re-save the trace with its arrays") from None
+
+
+def load_trace(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """Read and validate a trace; its arrays too when arrays_file names them (else {})."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise OracleError(f"{path}: no such trace file") from None
+    except UnicodeDecodeError as e:
+        raise OracleError(f"{path}: not valid JSON (not UTF-8 text: {e.reason})") from None
+    except OSError as e:
+        raise OracleError(f"{path}: cannot read the trace ({e.strerror or e})") from None
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise OracleError(f"{path}: not valid JSON ({e}); a trace is the JSON file save_trace writes") from None
+    try:
+        _validate(doc, None)
+    except _Invalid as e:
+        raise OracleError(f"{path}: {e}") from None
+    if doc["arrays_file"] is None:
+        return doc, {}
+    npz = path.parent / doc["arrays_file"]
+    arrays = _read_npz(npz, path.name)
+    try:
+        _check_arrays(doc, arrays)
+    except _Invalid as e:
+        raise OracleError(f"{npz} (arrays of {path.name}): {e}") from None
+    return doc, arrays

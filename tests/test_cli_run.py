@@ -1,0 +1,90 @@
+"""`asl run`: methods and parameters from the command line, the summary line, traces, clear errors."""
+
+import json
+
+import pytest
+
+from reference.cli import main
+from reference.trace import load_trace
+from tests.test_cli import assert_clean_error, run_asl
+
+SMALL = ["--window", "4", "--kernel", "3", "--select-k", "24", "--tau", "0.5", "--l-min", "6", "--l-obs", "4",
+         "--select-layer", "8", "--filter-layer", "5"]
+
+
+@pytest.mark.parametrize("method", ["full", "snapkv", "fastkv", "gemfilter", "asl", "asl-2pass"])
+def test_every_method_runs_and_prints_one_summary_line(method, tmp_path, capsys):
+    extra = ["--kv-budget", "40"] if method == "snapkv" else []
+    trace_path = tmp_path / "t.json"
+    code = main(["run", "--model", "tiny-llama", "--prompt", "x" * 150, "--method", method, *SMALL, *extra,
+                 "--max-new-tokens", "3", "--trace", str(trace_path), "--trace-arrays"])
+    assert code == 0
+    out = capsys.readouterr().out.splitlines()
+    summary = [line for line in out if line.startswith(f"[{method}:")]
+    assert len(summary) == 1 and "% of full" in summary[0]
+    trace, arrays = load_trace(trace_path)
+    assert trace["method"] == method and len(trace["prompt_ids"]) == 150 and "logits" in arrays
+    layer = trace["select_layer"]
+    assert (f"selection layer {layer}" if layer is not None else "no selection") in summary[0]
+    if trace["kept_positions"] is not None:
+        assert f"kept {len(trace['kept_positions'])} of 150 tokens" in summary[0]
+
+
+def test_run_parameters_reach_the_method(tmp_path):
+    trace_path = tmp_path / "t.json"
+    main(["run", "--model", "tiny-qwen2", "--prompt", "y" * 100, "--method", "fastkv", *SMALL,
+          "--select-layer", "3", "--kv-budget", "30", "--pooling", "max", "--trace", str(trace_path)])
+    trace, arrays = load_trace(trace_path)
+    assert trace["params"]["pooling"] == "max" and trace["params"]["kv_budget"] == 30
+    assert trace["select_layer"] == 3 and arrays == {}
+    assert all(t <= 30 for e in trace["layers"] for t in e["kv_tokens"])
+
+
+@pytest.mark.parametrize(
+    "flags, fragments",
+    [
+        (["--tau", "0"], ["tau", "> 0"]),
+        (["--kernel", "4"], ["kernel", "odd"]),
+        (["--window", "0"], ["window", "≥ 1"]),
+        (["--select-k", "4"], ["select-k", "> window"]),
+        (["--l-obs", "1"], ["l-obs", "[2, l-min + 1"]),
+        (["--l-min", "24"], ["l-min", "[1, 24)"]),
+        (["--kv-budget", "4"], ["kv-budget", "> window"]),
+        (["--method", "fastkv", "--select-layer", "30"], ["select-layer", "[0, 24)"]),
+        (["--method", "gemfilter", "--filter-layer", "-1"], ["filter-layer", "[0, 24)"]),
+        (["--method", "snapkv"], ["snapkv needs --kv-budget"]),
+    ],
+)
+def test_bad_parameters_name_the_parameter_and_range(flags, fragments):
+    args = ["run", "--model", "tiny-llama", "--prompt", "hello", *SMALL, *flags]
+    assert_clean_error(run_asl(*args), *fragments)
+
+
+def test_malformed_trace_given_to_a_command_is_a_clear_error(tmp_path):
+    """`asl run --trace` onto a path holding garbage simply overwrites; reading a bad trace is refused."""
+    from reference.errors import OracleError
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"schema_version": 999}))
+    with pytest.raises(OracleError, match="schema_version"):
+        load_trace(bad)
+
+
+def test_asl_trace_prints_the_decisions(tmp_path):
+    trace_path = tmp_path / "t.json"
+    main(["run", "--model", "tiny-llama", "--prompt", "z" * 120, "--method", "asl", *SMALL, "--trace", str(trace_path)])
+    out = run_asl("trace", str(trace_path))
+    assert out.returncode == 0, out.stderr
+    assert "<- selected" in out.stdout and "[asl:" in out.stdout
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("{not json", "JSON"),
+    (json.dumps({"schema_version": 999}), "schema_version"),
+    (json.dumps({"schema_version": 1}), "required property"),
+])
+def test_asl_trace_refuses_malformed_files_in_one_line(tmp_path, content, fragment):
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    assert_clean_error(run_asl("trace", str(bad)), fragment)
+    assert_clean_error(run_asl("trace", str(tmp_path / "missing.json")))

@@ -1,0 +1,47 @@
+"""The reference against its stored goldens (tests/goldens/, made by `python -m reference.goldens`)."""
+
+import json
+
+import pytest
+
+from reference.goldens import GOLDEN_DIR, compare, default_cases, run_case
+
+CASES = default_cases()
+
+
+def test_every_case_has_a_golden_and_every_golden_a_case():
+    on_disk = {p.stem for p in GOLDEN_DIR.glob("*.json")}
+    assert on_disk == {c.name for c in CASES}, "run `python -m reference.goldens` and review the diff"
+
+
+def test_goldens_cover_every_method_and_the_spec_edge_cases():
+    goldens = [json.loads((GOLDEN_DIR / f"{c.name}.json").read_text()) for c in CASES]
+    assert {g["method"] for g in goldens} == {"full", "snapkv", "fastkv", "gemfilter", "asl", "asl-2pass"}
+    notes = " ".join(n for g in goldens for n in g["expected"]["notes"])
+    assert "N ≤ w" in notes and "N ≤ k" in notes and "never fired" in notes and "no second pass" in notes
+    fired_at_l_min = [g for g in goldens if g["method"] == "asl" and g["params"]["tau"] > 1]
+    assert fired_at_l_min and all(g["expected"]["select_layer"] == g["params"]["l_min"] for g in fired_at_l_min)
+    v0_zero = [g for g in goldens if g["case"].endswith("v0-zero")]
+    assert v0_zero and all(g["expected"]["layers"][g["params"]["l_min"]]["v"] == 0.0 for g in v0_zero)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_reference_reproduces_its_golden(case):
+    golden = json.loads((GOLDEN_DIR / f"{case.name}.json").read_text())
+    fresh = run_case(case)
+    assert golden["prompt_ids"] == fresh["prompt_ids"] and golden["params"] == fresh["params"]
+    problems = compare(golden["expected"], fresh["expected"])
+    assert not problems, f"{case.name}: " + "; ".join(problems[:5])
+
+
+def test_compare_reports_a_changed_decision():
+    """The comparison can fail: a moved selection layer or a swapped kept token is reported."""
+    golden = json.loads((GOLDEN_DIR / "tiny-llama-asl.json").read_text())["expected"]
+    changed = json.loads(json.dumps(golden))
+    changed["select_layer"] += 1
+    changed["kept_positions"][0] += 1
+    changed["layers"][10]["ratio"] += 1e-6
+    changed["logits"][5] += 1e-3
+    problems = " ".join(compare(golden, changed))
+    for field in ("select_layer", "kept_positions", "layers[10].ratio", "logits"):
+        assert field in problems
