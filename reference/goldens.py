@@ -94,7 +94,8 @@ def run_case(case: Case) -> dict:
     params = case.full_params()
     gen = generate(weights, case.prompt_ids(), case.max_new_tokens, (), method=case.method, params=params)
     trace, arrays = make_trace(gen, model_name=case.model, model_sha256="", config=weights.config, dtype="float64")
-    keep = ("layer", "prefill_tokens", "kv_tokens", "union_size", "v", "ratio", "margin", "boundary_gap")
+    keep = ("layer", "prefill_tokens", "kv_tokens", "union_size", "v", "ratio", "margin", "boundary_gap",
+            "kv_boundary_gaps")
     scored = [e["layer"] for e in trace["layers"] if e["scored"]]
     shown = sorted({scored[0], scored[-1], *([trace["select_layer"]] if trace["select_layer"] in scored else [])}) if scored else []
     last = weights.config.num_hidden_layers - 1
@@ -182,6 +183,10 @@ def compare(expected: dict, got: dict) -> list[str]:
                     problems.append(f"{part}[{e['layer']}].{key}: expected {e[key]}, got {g[key]}")
             if not _close(e["boundary_gap"], g["boundary_gap"], GOLDEN_TOLERANCE["boundary_gap"], 1e-9):
                 problems.append(f"{part}[{e['layer']}].boundary_gap: expected {e['boundary_gap']}, got {g['boundary_gap']}")
+            e_gaps, g_gaps = e["kv_boundary_gaps"] or [], g["kv_boundary_gaps"] or []
+            if (e["kv_boundary_gaps"] is None) != (g["kv_boundary_gaps"] is None) or len(e_gaps) != len(g_gaps) or \
+                    not all(_close(a, b, GOLDEN_TOLERANCE["boundary_gap"], 1e-9) for a, b in zip(e_gaps, g_gaps)):
+                problems.append(f"{part}[{e['layer']}].kv_boundary_gaps: expected {e_gaps}, got {g_gaps}")
     diff = np.abs(np.asarray(expected["logits"]) - np.asarray(got["logits"]))
     if diff.size != len(got["logits"]) or diff.max() > GOLDEN_TOLERANCE["logits"]:
         worst = int(diff.argmax())

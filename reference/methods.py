@@ -62,6 +62,7 @@ class LayerRecord:
     v: float | None = None
     ratio: float | None = None
     margin: float | None = None  # ratio - τ
+    kv_boundary_gaps: list[float | None] | None = None  # SnapKV at this layer: per KV head, its boundary gap
 
     @property
     def kv_tokens(self) -> list[int]:
@@ -107,17 +108,21 @@ def qk_flops(cfg: Config, n: int) -> int:
 # ---------------------------------------------------------------- SnapKV
 
 
-def snapkv_compress(cache: LayerCache, p_heads: np.ndarray, group_size: int, budget: int, window: int) -> LayerCache:
-    """Each KV head keeps its B - w best prefix tokens by score_g, plus the window (n > B only)."""
+def snapkv_compress(
+    cache: LayerCache, p_heads: np.ndarray, group_size: int, budget: int, window: int
+) -> tuple[LayerCache, list[float | None]]:
+    """Each KV head keeps its B - w best prefix tokens by score_g, plus the window (called when n > B).
+
+    Also returns each head's boundary gap: the margin of its keep/drop decision.
+    """
     n = len(cache[0].pos)
-    if n <= budget:
-        return cache
     score_g = group_scores(p_heads, group_size)  # (H_kv, n-w)
-    compressed = []
+    compressed, gaps = [], []
     for g, head in enumerate(cache):
         keep = kept_with_window(best(score_g[g], budget - window), n, window)  # (B,)
         compressed.append(HeadCache(head.k[keep], head.v[keep], head.pos[keep]))
-    return tuple(compressed)
+        gaps.append(boundary_gap(score_g[g], budget - window))
+    return tuple(compressed), gaps
 
 
 # ---------------------------------------------------------------- the layer loop
@@ -173,7 +178,7 @@ def one_pass(
         if p.kv_budget is not None and n > p.kv_budget:
             if p_heads is None:
                 p_heads = pooled_head_scores(q[:, -w:], cached_keys(cache), G, p.kernel, p.pooling)
-            cache = snapkv_compress(cache, p_heads, G, p.kv_budget, w)
+            cache, record.kv_boundary_gaps = snapkv_compress(cache, p_heads, G, p.kv_budget, w)
         record.kv_positions = [h.pos for h in cache]
         records.append(record)
         caches.append(cache)

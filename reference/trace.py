@@ -77,6 +77,7 @@ def _layer_entry(rec: LayerRecord) -> dict:
         "ratio": _number(rec.ratio),
         "margin": _number(rec.margin),
         "boundary_gap": _number(rec.boundary_gap),
+        "kv_boundary_gaps": None if rec.kv_boundary_gaps is None else [_number(g) for g in rec.kv_boundary_gaps],
     }
 
 
@@ -215,6 +216,9 @@ def _check_layers(entries: list[dict], where: str, model: dict, max_tokens: int,
         for g, t in enumerate(e["kv_tokens"]):
             if t > e["prefill_tokens"]:
                 raise _Invalid(f"{at}.kv_tokens[{g}]", f"is {t}; expected at most prefill_tokens ({e['prefill_tokens']})")
+        gaps = e["kv_boundary_gaps"]
+        if gaps is not None and len(gaps) != H_kv:
+            raise _Invalid(f"{at}.kv_boundary_gaps", f"has {len(gaps)} entries; expected one per KV head ({H_kv})")
         asl = ("union_size", "v", "ratio", "margin")
         if not e["scored"] and any(e[k] is not None for k in asl + ("boundary_gap",)):
             raise _Invalid(at, "an unscored layer has a union_size, v, ratio, margin or boundary_gap; expected all null")

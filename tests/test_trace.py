@@ -472,3 +472,28 @@ def test_make_trace_refuses_a_wrong_dtype_or_config(runs, weights, sha):
         make_trace(gen, model_name="t", model_sha256=sha, config=cfg, dtype="bfloat16")
     with pytest.raises(OracleError, match="config"):
         make_trace(gen, model_name="t", model_sha256=sha, config=replace(cfg, num_hidden_layers=12), dtype="float32")
+
+
+def test_snapkv_margins_are_recorded_per_kv_head(tmp_path):
+    """kv_boundary_gaps: where a cache was compressed, each head's keep/drop margin, recomputed here by hand."""
+    from reference.model import decoder_layer, embed
+    from reference.scoring import group_scores, pooled_head_scores
+
+    w = load_weights(TINY)
+    ids = np.random.default_rng(5).integers(3, 259, 90).tolist()
+    gen = generate(w, ids, 1, (), method="snapkv", params=Params(window=4, kernel=3, kv_budget=30))
+    trace, arrays = make_trace(gen, model_name="tiny-llama", model_sha256="0" * 64, config=w.config, dtype="float32")
+    assert all(len(e["kv_boundary_gaps"]) == H_KV for e in trace["layers"])
+    # layer 0 by hand: its input is the embedding, so its q and k are easy to recompute
+    _, cache, q = decoder_layer(embed(w, np.asarray(ids)), w.layers[0], w.config, np.arange(90), None)
+    score_g = group_scores(pooled_head_scores(q[:, -4:], np.stack([h.k for h in cache]), 2, 3, "avg"), 2)  # (2, 86)
+    for g in range(H_KV):
+        s = np.sort(score_g[g])[::-1]  # B - w = 26 kept: the gap is between the 26th and 27th best
+        assert trace["layers"][0]["kv_boundary_gaps"][g] == pytest.approx(float(s[25] - s[26]), abs=1e-7)
+    path = tmp_path / "t.json"
+    save_trace(trace, arrays, path, with_arrays=False)
+    doc = json.loads(path.read_text())
+    doc["layers"][3]["kv_boundary_gaps"] = [0.1]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(OracleError, match=r"layers\[3\]\.kv_boundary_gaps"):
+        load_trace(path)
