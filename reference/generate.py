@@ -16,8 +16,8 @@ import numpy as np
 from reference.checkpoint import Weights
 from reference.config import Config
 from reference.errors import OracleError
+from reference.engine import ReferenceEngine
 from reference.methods import PrefillResult, run_prefill
-from reference.model import decode_step
 from reference.params import Params
 
 
@@ -83,16 +83,18 @@ def generate(
     on_token=None,
     method: str = "full",
     params: Params | None = None,
+    engine=None,
 ) -> Generation:
     """Greedy continuation of the prompt after a prefill with `method`.
 
     Decoding continues at the position the method leaves (N for one-shot
     methods, |kept| after a second pass); `on_token(id)` sees each token.
     """
-    ids = check_prompt(weights.config, prompt_ids, max_new_tokens)
+    ids = check_prompt((engine or weights).config, prompt_ids, max_new_tokens)
     result = Generation(prompt_ids=ids.tolist())
     start = time.perf_counter()
-    result.prefill = run_prefill(weights, ids, method, params)
+    engine = engine or ReferenceEngine(weights)
+    result.prefill = run_prefill(weights, ids, method, params, engine=engine)
     result.prefill_seconds = time.perf_counter() - start
     if max_new_tokens == 0:
         return result
@@ -108,7 +110,7 @@ def generate(
             break
         if len(result.generated_ids) == max_new_tokens:
             break
-        logits, cache = decode_step(weights, cache, token, position)
+        logits, cache = engine.decode(cache, token, position)
         position += 1
     result.decode_seconds = time.perf_counter() - start
     return result

@@ -24,19 +24,9 @@ import numpy as np
 from reference.checkpoint import Weights
 from reference.config import Config
 from reference.criterion import fires, rank_variance, relative_ratio
-from reference.model import (
-    HeadCache,
-    KVCache,
-    LayerCache,
-    cached_keys,
-    decoder_layer,
-    embed,
-    lm_head,
-    project_qkv,
-    rms_norm,
-)
+from reference.engine import ReferenceEngine
 from reference.params import GEMFILTER_KERNEL, Params, check_params
-from reference.scoring import group_scores, last_query_scores, pooled_head_scores, token_scores
+from reference.scoring import group_scores, token_scores
 from reference.selection import (
     best,
     boundary_gap,
@@ -74,7 +64,7 @@ class PrefillResult:
     method: str
     params: Params
     logits: np.ndarray  # (V,) next-token logits after the prompt
-    cache: KVCache
+    cache: object  # the engine's KV cache (reference: a tuple per layer of HeadCache per KV head)
     next_position: int  # position of the first generated token
     select_layer: int | None  # ASL's ℓ*, FastKV's ℓ_f, GemFilter's ℓ_g; None when nothing was selected
     kept_positions: np.ndarray | None  # prompt positions that continue (one-shot) or are re-run (two-pass)
@@ -108,21 +98,16 @@ def qk_flops(cfg: Config, n: int) -> int:
 # ---------------------------------------------------------------- SnapKV
 
 
-def snapkv_compress(
-    cache: LayerCache, p_heads: np.ndarray, group_size: int, budget: int, window: int
-) -> tuple[LayerCache, list[float | None]]:
-    """Each KV head keeps its B - w best prefix tokens by score_g, plus the window (called when n > B).
+def snapkv_keep(p_heads: np.ndarray, group_size: int, budget: int, window: int) -> tuple[list[np.ndarray], list]:
+    """Per KV head: its B - w best prefix tokens by score_g plus the window (used when n > B).
 
-    Also returns each head's boundary gap: the margin of its keep/drop decision.
+    Returns the kept rows per head, ascending, and each head's boundary gap
+    (the margin of its keep/drop decision).
     """
-    n = len(cache[0].pos)
     score_g = group_scores(p_heads, group_size)  # (H_kv, n-w)
-    compressed, gaps = [], []
-    for g, head in enumerate(cache):
-        keep = kept_with_window(best(score_g[g], budget - window), n, window)  # (B,)
-        compressed.append(HeadCache(head.k[keep], head.v[keep], head.pos[keep]))
-        gaps.append(boundary_gap(score_g[g], budget - window))
-    return tuple(compressed), gaps
+    n = score_g.shape[1] + window
+    keep = [kept_with_window(best(s, budget - window), n, window) for s in score_g]  # each (B,)
+    return keep, [boundary_gap(s, budget - window) for s in score_g]
 
 
 # ---------------------------------------------------------------- the layer loop
@@ -131,35 +116,33 @@ def snapkv_compress(
 @dataclass
 class PassResult:
     logits: np.ndarray | None
-    cache: KVCache
+    cache: object
     layers: list[LayerRecord]
     select_layer: int | None
     kept: np.ndarray | None  # indices into this pass's tokens (= positions for a first pass)
 
 
-def one_pass(
-    weights: Weights, ids: np.ndarray, p: Params, selector: str | None, stop_at_selection: bool = False
-) -> PassResult:
+def one_pass(engine, ids: np.ndarray, p: Params, selector: str | None, stop_at_selection: bool = False) -> PassResult:
     """Run the prompt through the layers at positions 0 .. N-1.
 
     selector: None (no selection), "fastkv" (select at ℓ_f) or "asl" (the
     criterion). SnapKV applies at every layer when p.kv_budget is set.
     """
-    cfg = weights.config
+    cfg = engine.config
     N, w, G = len(ids), p.window, cfg.group_size
     positions = np.arange(N, dtype=np.int64)
     k_prime = select_k_prime(p.select_k, N, w)
     first_scored = {"fastkv": p.select_layer, "asl": p.l_min - p.l_obs + 1}.get(selector, cfg.num_hidden_layers)
-    x = embed(weights, ids)  # (N, D)
+    x = engine.embed(ids)  # (N, D)
     records, caches, history = [], [], []
     v0 = select_layer = kept = None
-    for layer, lw in enumerate(weights.layers):
+    for layer in range(cfg.num_hidden_layers):
         n = len(positions)
-        x, cache, q = decoder_layer(x, lw, cfg, positions, None)  # q (H, n, hd)
+        x, cache, q = engine.layer(layer, x, positions)  # q (H, n, hd)
         record = LayerRecord(layer, n, layer_flops(cfg, n))
         p_heads = None
         if selector is not None and select_layer is None and layer >= first_scored:
-            p_heads = pooled_head_scores(q[:, -w:], cached_keys(cache), G, p.kernel, p.pooling)  # (H, n-w)
+            p_heads = engine.head_scores(q, cache, w, p.kernel, p.pooling)  # (H, n-w), on the host
             score = token_scores(p_heads)  # (n-w,)
             rank = ranks(score)  # (n-w,)
             history.append(rank)
@@ -177,32 +160,31 @@ def one_pass(
                 kept = kept_with_window(top_from_ranks(rank, k_prime), n, w)  # (min(k, N),)
         if p.kv_budget is not None and n > p.kv_budget:
             if p_heads is None:
-                p_heads = pooled_head_scores(q[:, -w:], cached_keys(cache), G, p.kernel, p.pooling)
-            cache, record.kv_boundary_gaps = snapkv_compress(cache, p_heads, G, p.kv_budget, w)
-        record.kv_positions = [h.pos for h in cache]
+                p_heads = engine.head_scores(q, cache, w, p.kernel, p.pooling)
+            keep, record.kv_boundary_gaps = snapkv_keep(p_heads, G, p.kv_budget, w)
+            cache = engine.compress(cache, keep)
+        record.kv_positions = engine.positions(cache)
         records.append(record)
         caches.append(cache)
         if select_layer == layer:
             if stop_at_selection:
                 return PassResult(None, tuple(caches), records, select_layer, kept)
-            x, positions = x[kept], positions[kept]
-    logits = lm_head(weights, x[-1:])[0]  # (V,) from the last prompt token
+            x, positions = engine.select_rows(x, kept), positions[kept]
+    logits = engine.logits(x)  # (V,) from the last prompt token
     return PassResult(logits, tuple(caches), records, select_layer, kept)
 
 
-def gemfilter_first_pass(weights: Weights, ids: np.ndarray, p: Params) -> tuple[np.ndarray, list[LayerRecord]]:
+def gemfilter_first_pass(engine, ids: np.ndarray, p: Params) -> tuple[np.ndarray, list[LayerRecord]]:
     """Layers 0 .. ℓ_g-1 in full, then at ℓ_g only q and k: the kept token indices, ascending."""
-    cfg = weights.config
+    cfg = engine.config
     N = len(ids)
     positions = np.arange(N, dtype=np.int64)
-    x = embed(weights, ids)
+    x = engine.embed(ids)
     records = []
     for layer in range(p.filter_layer):
-        x, cache, _ = decoder_layer(x, weights.layers[layer], cfg, positions, None)
-        records.append(LayerRecord(layer, N, layer_flops(cfg, N), [h.pos for h in cache]))
-    lw = weights.layers[p.filter_layer]
-    q, k, _ = project_qkv(rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), lw, cfg, positions)
-    score = last_query_scores(q[:, -1], k, cfg.group_size, GEMFILTER_KERNEL)  # (N,)
+        x, cache, _ = engine.layer(layer, x, positions)
+        records.append(LayerRecord(layer, N, layer_flops(cfg, N), engine.positions(cache)))
+    score = engine.gemfilter_scores(p.filter_layer, x, positions, GEMFILTER_KERNEL)  # (N,)
     count = min(p.select_k, N)
     record = LayerRecord(p.filter_layer, N, qk_flops(cfg, N), scores=score, ranks=ranks(score),
                          boundary_gap=boundary_gap(score, count))
@@ -213,10 +195,16 @@ def gemfilter_first_pass(weights: Weights, ids: np.ndarray, p: Params) -> tuple[
 # ---------------------------------------------------------------- entry point
 
 
-def run_prefill(weights: Weights, prompt_ids, method: str = "full", params: Params | None = None) -> PrefillResult:
-    """Prefill the prompt with `method`; the result holds logits, cache and every decision."""
+def run_prefill(
+    weights: Weights | None, prompt_ids, method: str = "full", params: Params | None = None, engine=None
+) -> PrefillResult:
+    """Prefill the prompt with `method`; the result holds logits, cache and every decision.
+
+    The arithmetic runs on `engine` (default: the reference's, over `weights`).
+    """
+    engine = engine or ReferenceEngine(weights)
     p = params or Params()
-    check_params(method, p, weights.config.num_hidden_layers)
+    check_params(method, p, engine.config.num_hidden_layers)
     ids = np.asarray(prompt_ids, dtype=np.int64)
     N = len(ids)
     notes = []
@@ -234,22 +222,22 @@ def run_prefill(weights: Weights, prompt_ids, method: str = "full", params: Para
                              pass_.layers, first_pass, notes)
 
     if method_run in ("full", "snapkv"):
-        run = one_pass(weights, ids, p, None)
+        run = one_pass(engine, ids, p, None)
         return result(run, N, None, None)
     if method_run in ("fastkv", "asl"):
-        run = one_pass(weights, ids, p, method_run)
+        run = one_pass(engine, ids, p, method_run)
         if run.select_layer is None:
             notes.append("the criterion never fired: nothing was selected; ran as full")
         return result(run, N, run.select_layer, run.kept)
     if method_run == "gemfilter":
-        kept, first = gemfilter_first_pass(weights, ids, p)
-        second = one_pass(weights, ids[kept], p, None)
+        kept, first = gemfilter_first_pass(engine, ids, p)
+        second = one_pass(engine, ids[kept], p, None)
         return result(second, len(kept), p.filter_layer, kept, first)
     # asl-2pass: ASL's criterion and kept set, then a fresh pass on the kept ids. The first pass
     # applies SnapKV too: when the criterion never fires, its caches are the ones decoding uses.
-    first = one_pass(weights, ids, p, "asl", stop_at_selection=True)
+    first = one_pass(engine, ids, p, "asl", stop_at_selection=True)
     if first.select_layer is None:
         notes.append("the criterion never fired: no second pass; ran as full")
         return result(first, N, None, None)
-    second = one_pass(weights, ids[first.kept], p, None)
+    second = one_pass(engine, ids[first.kept], p, None)
     return result(second, len(first.kept), first.select_layer, first.kept, first.layers)

@@ -1,0 +1,70 @@
+"""The arithmetic behind the methods: what `methods.py` asks of a model, whoever runs it.
+
+`methods.py` holds every decision (when to score, ranks, the criterion, what
+to keep) and runs it on host NumPy arrays. An engine does the heavy work:
+layers, window scores, cache compaction, logits, decoding. `ReferenceEngine`
+is the plain NumPy transformer of `model.py`; `gpu.engine.PortEngine` is the
+blocked CuPy/NumPy port. Both return scores and logits as NumPy arrays, so a
+decision can never depend on which engine computed it except through its inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from reference.checkpoint import Weights
+from reference.model import (
+    HeadCache,
+    LayerCache,
+    cached_keys,
+    decode_step,
+    decoder_layer,
+    embed,
+    lm_head,
+    project_qkv,
+    rms_norm,
+)
+from reference.scoring import last_query_scores, pooled_head_scores
+
+
+class ReferenceEngine:
+    """model.py's functions, one layer at a time."""
+
+    def __init__(self, weights: Weights):
+        self.weights = weights
+        self.config = weights.config
+        self.dtype = weights.dtype
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return embed(self.weights, ids)  # (N, D)
+
+    def layer(self, i: int, x: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, LayerCache, np.ndarray]:
+        """Layer i over x (n, D) at `positions`: new x, the layer's cache, the rotated queries (H, n, hd)."""
+        return decoder_layer(x, self.weights.layers[i], self.config, positions, None)
+
+    def head_scores(self, q: np.ndarray, cache: LayerCache, window: int, kernel: int, pooling: str) -> np.ndarray:
+        """p[h, j] of SPEC section 1, steps 1-4, from the last w queries. (H, n-w)."""
+        return pooled_head_scores(q[:, -window:], cached_keys(cache), self.config.group_size, kernel, pooling)
+
+    def gemfilter_scores(self, i: int, x: np.ndarray, positions: np.ndarray, kernel: int) -> np.ndarray:
+        """GemFilter at layer i: q and k only, scored by the last query. (N,)."""
+        lw = self.weights.layers[i]
+        q, k, _ = project_qkv(rms_norm(x, lw.attn_norm, self.config.rms_norm_eps), lw, self.config, positions)
+        return last_query_scores(q[:, -1], k, self.config.group_size, kernel)
+
+    def compress(self, cache: LayerCache, keep: list[np.ndarray]) -> LayerCache:
+        """Keep, for each KV head g, the cache rows keep[g] (ascending)."""
+        return tuple(HeadCache(h.k[kg], h.v[kg], h.pos[kg]) for h, kg in zip(cache, keep))
+
+    def positions(self, cache: LayerCache) -> list[np.ndarray]:
+        return [h.pos for h in cache]
+
+    def select_rows(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return x[rows]
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Next-token logits (V,) from the last row of x."""
+        return lm_head(self.weights, x[-1:])[0]
+
+    def decode(self, cache, token: int, position: int):
+        return decode_step(self.weights, cache, token, position)
