@@ -1,4 +1,8 @@
-"""gpu: the CuPy port of the reference semantics (issue 4; not built yet).
+"""gpu: the port of the reference semantics for full-size models, on CuPy or NumPy.
 
-Importing this package never requires CuPy.
+The decisions (scores -> ranks -> criterion -> kept sets) are the reference's
+own code in `reference/methods.py`; this package supplies a second engine
+(`gpu.engine.PortEngine`) that does the arithmetic at size: blocked attention
+with an online softmax, MLP in token chunks, float16 weights with float32
+accumulation, preallocated KV caches. Importing `gpu` never requires CuPy.
 """

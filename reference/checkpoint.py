@@ -107,7 +107,7 @@ def shard_files(model_dir: Path) -> dict[str, Path]:
     return files
 
 
-class _TensorReader:
+class TensorReader:
     """Opens each shard once (header + memory map) and hands out tensors by name."""
 
     def __init__(self, files: dict[str, Path]):
@@ -125,24 +125,20 @@ class _TensorReader:
         return map_tensor(header, name, mapped)
 
 
-def _checked(name: str, tensor: np.ndarray, shape: tuple[int, ...], dtype: np.dtype, where: Path):
+def check_shape(name: str, tensor: np.ndarray, shape: tuple[int, ...], where: Path) -> None:
     if tensor.shape != shape:
         raise OracleError(
             f"{where}: tensor '{name}' has shape {tensor.shape}, but config.json implies {shape}; "
             "the checkpoint and its config.json do not belong together"
         )
-    tensor = tensor.astype(dtype, copy=False)  # a view when the stored dtype is already `dtype`
-    if not np.isfinite(tensor).all():
-        raise OracleError(f"{where}: tensor '{name}' holds NaN or infinite values; the checkpoint is corrupt")
-    return tensor
 
 
-def load_weights(model_dir: str | Path, dtype: str = "float32") -> Weights:
-    """Load and check every tensor of a checkpoint directory, in `dtype` (float32 or float64)."""
-    model_dir = Path(model_dir)
-    if dtype not in DTYPES:
-        raise OracleError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    np_dtype = np.dtype(DTYPES[dtype])
+def non_finite_error(name: str, where: Path) -> OracleError:
+    return OracleError(f"{where}: tensor '{name}' holds NaN or infinite values; the checkpoint is corrupt")
+
+
+def open_checkpoint(model_dir: Path) -> tuple[Config, dict[str, Path], dict[str, tuple[int, ...]]]:
+    """config, tensor name -> file, tensor name -> expected shape; every expected tensor present."""
     cfg = load_config(model_dir)
     files = shard_files(model_dir)
     shapes = expected_tensors(cfg)
@@ -153,10 +149,12 @@ def load_weights(model_dir: str | Path, dtype: str = "float32") -> Weights:
             f"{model_dir}: tensor '{missing[0]}'{more} is missing; config.json "
             f"(model_type={cfg.model_type}, {cfg.num_hidden_layers} layers) expects it"
         )
-    reader = _TensorReader(files)
+    return cfg, files, shapes
 
-    def get(name: str):
-        return _checked(name, reader.get(name), shapes[name], np_dtype, files[name])
+
+def assemble(cfg: Config, get, dtype) -> Weights:
+    """Weights from `get(name)`, which returns each checked tensor (host or device array)."""
+    shapes = expected_tensors(cfg)
 
     def maybe(name: str):
         return get(name) if name in shapes else None
@@ -188,5 +186,25 @@ def load_weights(model_dir: str | Path, dtype: str = "float32") -> Weights:
         layers=tuple(layers),
         norm=get("model.norm.weight"),
         lm_head=embed if cfg.tie_word_embeddings else get("lm_head.weight"),
-        dtype=np_dtype,
+        dtype=dtype,
     )
+
+
+def load_weights(model_dir: str | Path, dtype: str = "float32") -> Weights:
+    """Load and check every tensor of a checkpoint directory, in `dtype` (float32 or float64)."""
+    model_dir = Path(model_dir)
+    if dtype not in DTYPES:
+        raise OracleError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    np_dtype = np.dtype(DTYPES[dtype])
+    cfg, files, shapes = open_checkpoint(model_dir)
+    reader = TensorReader(files)
+
+    def get(name: str) -> np.ndarray:
+        tensor = reader.get(name)
+        check_shape(name, tensor, shapes[name], files[name])
+        tensor = tensor.astype(np_dtype, copy=False)  # a view when the stored dtype is already `dtype`
+        if not np.isfinite(tensor).all():
+            raise non_finite_error(name, files[name])
+        return tensor
+
+    return assemble(cfg, get, np_dtype)

@@ -38,13 +38,17 @@ class ReferenceEngine:
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return embed(self.weights, ids)  # (N, D)
 
-    def layer(self, i: int, x: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, LayerCache, np.ndarray]:
-        """Layer i over x (n, D) at `positions`: new x, the layer's cache, the rotated queries (H, n, hd)."""
-        return decoder_layer(x, self.weights.layers[i], self.config, positions, None)
+    def layer(
+        self, i: int, x: np.ndarray, positions: np.ndarray, q_rows: int
+    ) -> tuple[np.ndarray, LayerCache, np.ndarray]:
+        """Layer i over x (n, D) at `positions`: new x, the layer's cache, and the
+        rotated queries of the last `q_rows` tokens (H, q_rows, hd), which scoring reads."""
+        x, cache, q = decoder_layer(x, self.weights.layers[i], self.config, positions, None)
+        return x, cache, q[:, -q_rows:]
 
-    def head_scores(self, q: np.ndarray, cache: LayerCache, window: int, kernel: int, pooling: str) -> np.ndarray:
-        """p[h, j] of SPEC section 1, steps 1-4, from the last w queries. (H, n-w)."""
-        return pooled_head_scores(q[:, -window:], cached_keys(cache), self.config.group_size, kernel, pooling)
+    def head_scores(self, q_window: np.ndarray, cache: LayerCache, kernel: int, pooling: str) -> np.ndarray:
+        """p[h, j] of SPEC section 1, steps 1-4, from the last w queries (H, w, hd). (H, n-w)."""
+        return pooled_head_scores(q_window, cached_keys(cache), self.config.group_size, kernel, pooling)
 
     def gemfilter_scores(self, i: int, x: np.ndarray, positions: np.ndarray, kernel: int) -> np.ndarray:
         """GemFilter at layer i: q and k only, scored by the last query. (N,)."""

@@ -138,11 +138,11 @@ def one_pass(engine, ids: np.ndarray, p: Params, selector: str | None, stop_at_s
     v0 = select_layer = kept = None
     for layer in range(cfg.num_hidden_layers):
         n = len(positions)
-        x, cache, q = engine.layer(layer, x, positions)  # q (H, n, hd)
+        x, cache, q = engine.layer(layer, x, positions, q_rows=min(w, n))  # q (H, w, hd): the window's queries
         record = LayerRecord(layer, n, layer_flops(cfg, n))
         p_heads = None
         if selector is not None and select_layer is None and layer >= first_scored:
-            p_heads = engine.head_scores(q, cache, w, p.kernel, p.pooling)  # (H, n-w), on the host
+            p_heads = engine.head_scores(q, cache, p.kernel, p.pooling)  # (H, n-w), on the host
             score = token_scores(p_heads)  # (n-w,)
             rank = ranks(score)  # (n-w,)
             history.append(rank)
@@ -160,7 +160,7 @@ def one_pass(engine, ids: np.ndarray, p: Params, selector: str | None, stop_at_s
                 kept = kept_with_window(top_from_ranks(rank, k_prime), n, w)  # (min(k, N),)
         if p.kv_budget is not None and n > p.kv_budget:
             if p_heads is None:
-                p_heads = engine.head_scores(q, cache, w, p.kernel, p.pooling)
+                p_heads = engine.head_scores(q, cache, p.kernel, p.pooling)
             keep, record.kv_boundary_gaps = snapkv_keep(p_heads, G, p.kv_budget, w)
             cache = engine.compress(cache, keep)
         record.kv_positions = engine.positions(cache)
@@ -182,7 +182,7 @@ def gemfilter_first_pass(engine, ids: np.ndarray, p: Params) -> tuple[np.ndarray
     x = engine.embed(ids)
     records = []
     for layer in range(p.filter_layer):
-        x, cache, _ = engine.layer(layer, x, positions)
+        x, cache, _ = engine.layer(layer, x, positions, q_rows=1)
         records.append(LayerRecord(layer, N, layer_flops(cfg, N), engine.positions(cache)))
     score = engine.gemfilter_scores(p.filter_layer, x, positions, GEMFILTER_KERNEL)  # (N,)
     count = min(p.select_k, N)

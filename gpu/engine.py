@@ -1,0 +1,220 @@
+"""PortEngine: the reference's arithmetic at size, on CuPy or NumPy.
+
+It answers the same questions as `reference.engine.ReferenceEngine` (layers,
+window scores, cache compaction, logits, decoding), so `reference.methods`
+makes exactly the same decisions on top of it. Differences from the
+reference are in how, never in what:
+
+- weights in float16 on a GPU (float32 on NumPy by default), activations,
+  softmax and accumulation in float32;
+- attention in query × key blocks with an online softmax (`gpu/attention.py`);
+- the MLP in token chunks;
+- KV caches preallocated per layer, each KV head with its own length, grown
+  by doubling when decoding runs past the reserve;
+- window scores computed per KV group from the last w queries only.
+Scores and logits come back to the host as float32 NumPy arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpu.attention import flash_group_attention
+from gpu.backend import is_cupy, to_host
+from reference.checkpoint import Weights
+from reference.rope import inverse_frequencies
+
+F32 = np.float32
+
+
+@dataclass
+class PortLayerCache:
+    """One layer's KV cache: preallocated buffers, a length per KV head."""
+
+    k: object  # (H_kv, capacity, hd) cache dtype
+    v: object  # (H_kv, capacity, hd)
+    pos: np.ndarray  # (H_kv, capacity) int64 on the host
+    lengths: list[int]  # per KV head
+
+    def head(self, g: int):
+        n = self.lengths[g]
+        return self.k[g, :n], self.v[g, :n], self.pos[g, :n]
+
+
+class PortEngine:
+    def __init__(self, weights: Weights, xp, *, block_q: int | None = None, block_k: int | None = None,
+                 mlp_chunk: int = 4096, decode_reserve: int = 256):
+        self.weights, self.xp, self.config = weights, xp, weights.config
+        gpu = is_cupy(xp)
+        self.block_q = block_q or (512 if gpu else 128)
+        self.block_k = block_k or (4096 if gpu else 8192)
+        self.mlp_chunk, self.decode_reserve = mlp_chunk, decode_reserve
+        self.cache_dtype = weights.layers[0].wk.dtype
+        self.dtype = np.dtype(F32)
+        self.inv_freq = inverse_frequencies(self.config)  # (hd/2,) float64, host
+
+    # ------------------------------------------------------------ pieces
+
+    def linear(self, x, w, b=None):
+        """x (T, in) float32 @ W^T in the weight dtype, accumulated and returned in float32."""
+        y = (x.astype(w.dtype, copy=False) @ w.T).astype(F32, copy=False)
+        return y if b is None else y + b.astype(F32, copy=False)
+
+    def rms_norm(self, x, weight):
+        xp = self.xp
+        return x * (1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + self.config.rms_norm_eps)).astype(F32) \
+            * weight.astype(F32, copy=False)
+
+    def silu(self, x):
+        return x * (0.5 * (1.0 + self.xp.tanh(0.5 * x)))
+
+    def rope(self, x, positions: np.ndarray):
+        """x (n_heads, T, hd) rotated at `positions` (angles in float64, rounded once to float32)."""
+        xp = self.xp
+        angles = xp.asarray(positions, dtype=np.float64)[:, None] * xp.asarray(self.inv_freq)[None, :]  # (T, hd/2)
+        cos, sin = xp.cos(angles).astype(F32), xp.sin(angles).astype(F32)
+        cos, sin = xp.concatenate([cos, cos], axis=-1), xp.concatenate([sin, sin], axis=-1)  # (T, hd)
+        half = x.shape[-1] // 2
+        rotated = xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return x * cos + rotated * sin
+
+    def qkv(self, x, lw, positions):
+        cfg = self.config
+        T = x.shape[0]
+        h = self.rms_norm(x, lw.attn_norm)
+        q = self.linear(h, lw.wq, lw.bq).reshape(T, cfg.num_attention_heads, -1).transpose(1, 0, 2)  # (H, T, hd)
+        k = self.linear(h, lw.wk, lw.bk).reshape(T, cfg.num_key_value_heads, -1).transpose(1, 0, 2)  # (H_kv, T, hd)
+        v = self.linear(h, lw.wv, lw.bv).reshape(T, cfg.num_key_value_heads, -1).transpose(1, 0, 2)
+        return self.rope(q, positions), self.rope(k, positions), v
+
+    def new_cache(self, k, v, positions: np.ndarray) -> PortLayerCache:
+        xp = self.xp
+        H_kv, n, hd = k.shape
+        cap = n + self.decode_reserve
+        kb = xp.empty((H_kv, cap, hd), dtype=self.cache_dtype)
+        vb = xp.empty((H_kv, cap, hd), dtype=self.cache_dtype)
+        kb[:, :n], vb[:, :n] = k, v
+        pos = np.zeros((H_kv, cap), dtype=np.int64)
+        pos[:, :n] = positions
+        return PortLayerCache(kb, vb, pos, [n] * H_kv)
+
+    def append(self, cache: PortLayerCache, k, v, position: int) -> None:
+        xp = self.xp
+        if max(cache.lengths) >= cache.k.shape[1]:  # grow by doubling
+            H_kv, cap, hd = cache.k.shape
+            for name in ("k", "v"):
+                old = getattr(cache, name)
+                new = xp.empty((H_kv, 2 * cap, hd), dtype=old.dtype)
+                new[:, :cap] = old
+                setattr(cache, name, new)
+            cache.pos = np.concatenate([cache.pos, np.zeros_like(cache.pos)], axis=1)
+        for g, n in enumerate(cache.lengths):
+            cache.k[g, n], cache.v[g, n], cache.pos[g, n] = k[g, 0], v[g, 0], position
+            cache.lengths[g] = n + 1
+
+    def attend(self, q, cache: PortLayerCache, positions: np.ndarray):
+        """Query head h reads KV head h // G; q (H, T, hd) -> (T, H·hd)."""
+        G = self.config.group_size
+        out = self.xp.empty_like(q)
+        for g in range(self.config.num_key_value_heads):
+            k, v, pos = cache.head(g)
+            out[g * G:(g + 1) * G] = flash_group_attention(self.xp, q[g * G:(g + 1) * G], k, v, positions, pos,
+                                                           self.block_q, self.block_k)
+        return out.transpose(1, 0, 2).reshape(q.shape[1], -1)
+
+    def mlp_(self, x, lw):
+        """x += mlp(norm(x)), in token chunks."""
+        for a in range(0, x.shape[0], self.mlp_chunk):
+            h = self.rms_norm(x[a:a + self.mlp_chunk], lw.mlp_norm)
+            x[a:a + self.mlp_chunk] += self.linear(self.silu(self.linear(h, lw.w_gate)) * self.linear(h, lw.w_up),
+                                                   lw.w_down)
+        return x
+
+    # ------------------------------------------------------------ the engine interface
+
+    def embed(self, ids: np.ndarray):
+        return self.weights.embed[self.xp.asarray(ids)].astype(F32)  # (N, D)
+
+    def layer(self, i: int, x, positions: np.ndarray, q_rows: int):
+        lw = self.weights.layers[i]
+        q, k, v = self.qkv(x, lw, positions)
+        cache = self.new_cache(k, v, positions)
+        x = x + self.linear(self.attend(q, cache, positions), lw.wo, lw.bo)
+        return self.mlp_(x, lw), cache, q[:, -q_rows:]
+
+    def head_scores(self, q_window, cache: PortLayerCache, kernel: int, pooling: str) -> np.ndarray:
+        """SPEC section 1, steps 1-4, one KV group at a time: (H, n-w) on the host."""
+        xp, G = self.xp, self.config.group_size
+        H, w, hd = q_window.shape
+        n = cache.lengths[0]
+        scale = F32(1.0 / float(np.sqrt(hd)))
+        query_index = xp.arange(n - w, n)
+        hidden = xp.arange(n)[None, :] > query_index[:, None]  # (w, n)
+        u = xp.empty((H, n - w), dtype=F32)
+        for g in range(self.config.num_key_value_heads):
+            k, _, _ = cache.head(g)
+            s = (q_window[g * G:(g + 1) * G] * scale) @ k.astype(F32, copy=False).T  # (G, w, n)
+            s = xp.where(hidden[None], F32(-np.inf), s)
+            s = xp.exp(s - s.max(axis=-1, keepdims=True))
+            s /= s.sum(axis=-1, keepdims=True)
+            u[g * G:(g + 1) * G] = s[:, :, : n - w].sum(axis=1)
+        return to_host(self.pool(u, kernel, pooling))
+
+    def pool(self, u, kernel: int, kind: str):
+        """Width-s pooling along the last axis, s//2 padding (avg: zeros, divisor s; max: padding never wins)."""
+        xp, half, n = self.xp, kernel // 2, u.shape[-1]
+        pad = xp.full(u.shape[:-1] + (half,), 0.0 if kind == "avg" else -np.inf, dtype=u.dtype)
+        padded = xp.concatenate([pad, u, pad], axis=-1)
+        if kind == "avg":
+            total = xp.zeros_like(u)
+            for t in range(kernel):
+                total += padded[..., t:t + n]
+            return total / F32(kernel)
+        best = padded[..., 0:n]
+        for t in range(1, kernel):
+            best = xp.maximum(best, padded[..., t:t + n])
+        return best
+
+    def gemfilter_scores(self, i: int, x, positions: np.ndarray, kernel: int) -> np.ndarray:
+        """Σ_h Q[h, N-1] · K[h//G, j] (raw), avg-pooled with width `kernel`: (N,) on the host."""
+        lw, cfg = self.weights.layers[i], self.config
+        h = self.rms_norm(x, lw.attn_norm)
+        q_last = self.rope(self.linear(h[-1:], lw.wq, lw.bq).reshape(1, cfg.num_attention_heads, -1).transpose(1, 0, 2),
+                           positions[-1:])[:, 0]  # (H, hd)
+        k = self.rope(self.linear(h, lw.wk, lw.bk).reshape(len(positions), cfg.num_key_value_heads, -1).transpose(1, 0, 2),
+                      positions)  # (H_kv, N, hd)
+        q_groups = q_last.reshape(cfg.num_key_value_heads, cfg.group_size, -1).sum(axis=1)  # (H_kv, hd)
+        dots = (k * q_groups[:, None, :]).sum(axis=-1).sum(axis=0)  # (N,)
+        return to_host(self.pool(dots[None, :], kernel, "avg")[0])
+
+    def compress(self, cache: PortLayerCache, keep: list[np.ndarray]) -> PortLayerCache:
+        for g, rows in enumerate(keep):
+            idx = self.xp.asarray(rows)
+            cache.k[g, : len(rows)] = cache.k[g][idx]  # the gather copies first: no overlap
+            cache.v[g, : len(rows)] = cache.v[g][idx]
+            cache.pos[g, : len(rows)] = cache.pos[g][rows]
+            cache.lengths[g] = len(rows)
+        return cache
+
+    def positions(self, cache: PortLayerCache) -> list[np.ndarray]:
+        return [cache.pos[g, :n].copy() for g, n in enumerate(cache.lengths)]
+
+    def select_rows(self, x, rows: np.ndarray):
+        return x[self.xp.asarray(rows)]
+
+    def logits(self, x) -> np.ndarray:
+        h = self.rms_norm(x[-1:], self.weights.norm)
+        return to_host(self.linear(h, self.weights.lm_head))[0]  # (V,)
+
+    def decode(self, caches, token: int, position: int):
+        positions = np.array([position], dtype=np.int64)
+        x = self.embed(np.array([token]))
+        for i, cache in enumerate(caches):
+            lw = self.weights.layers[i]
+            q, k, v = self.qkv(x, lw, positions)
+            self.append(cache, k, v, position)
+            x = x + self.linear(self.attend(q, cache, positions), lw.wo, lw.bo)
+            x = self.mlp_(x, lw)
+        return self.logits(x), caches
