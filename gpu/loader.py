@@ -106,3 +106,18 @@ def random_device_weights(cfg, xp, weight_dtype: str = "float16", seed: int = 0)
         return (rng.standard_normal(shape, dtype=np.float32) * std).astype(dtype)
 
     return assemble(cfg, get, np.dtype(np.float32))
+
+
+def device_copy(weights: Weights, xp, weight_dtype: str = "float32") -> Weights:
+    """Host Weights (e.g. random test models) copied to `xp` in the weight dtype."""
+    import dataclasses
+
+    dtype = np.dtype(weight_dtype)
+
+    def put(a):
+        return None if a is None else xp.asarray(np.asarray(a, dtype=np.float32)).astype(dtype)
+
+    layers = tuple(type(lw)(**{f.name: put(getattr(lw, f.name)) for f in dataclasses.fields(lw)}) for lw in weights.layers)
+    embed = put(weights.embed)
+    lm_head = embed if weights.config.tie_word_embeddings else put(weights.lm_head)
+    return Weights(weights.config, embed, layers, put(weights.norm), lm_head, np.dtype(np.float32))

@@ -25,6 +25,7 @@ from reference.params import Params
 class Generation:
     prompt_ids: list[int]
     generated_ids: list[int] = field(default_factory=list)
+    generated_gaps: list[float] = field(default_factory=list)  # per step: best minus second-best logit
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     stopped_at_eos: bool = False
@@ -75,6 +76,14 @@ def greedy_token(logits: np.ndarray) -> int:
     return int(np.argmax(logits))
 
 
+def top2_gap(logits: np.ndarray) -> float:
+    """Best minus second-best logit: the margin of a greedy decision (0 on a tie)."""
+    if len(logits) < 2:
+        return float("inf")
+    top2 = np.partition(logits, -2)[-2:]
+    return float(top2[1] - top2[0])
+
+
 def generate(
     weights: Weights,
     prompt_ids,
@@ -103,6 +112,7 @@ def generate(
     while True:
         token = greedy_token(logits)
         result.generated_ids.append(token)
+        result.generated_gaps.append(top2_gap(logits))
         if on_token is not None:
             on_token(token)
         if token in eos_ids:

@@ -6,10 +6,10 @@
 A golden is a trimmed trace (docs/trace.md) of one case: token ids, the
 selection layer, kept positions, per-layer cache sizes and criterion values,
 the ranks of a few scored layers, per-head cached positions of the last layer,
-and the next-token logits rounded to 4 decimals. Cases run in float64, so a
+and the next-token logits rounded to 8 decimals. Cases run in float64, so a
 golden does not depend on the BLAS that made it. `compare` is what
-tests/test_goldens.py applies: integers and decisions exactly, floats within
-GOLDEN_TOLERANCE.
+tests/test_goldens.py applies: the tolerance policy of `reference.conformance`
+(docs/conformance.md) at the dtype of the run being checked.
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ import numpy as np
 from reference.params import Params
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "tests" / "goldens"
-GOLDEN_TOLERANCE = {"logits": 2e-4, "criterion": 1e-9, "boundary_gap": 1e-9}  # abs; relative 1e-9 for v/ratio
-LOGIT_DECIMALS = 4
+LOGIT_DECIMALS = 8
 BASE = Params(window=4, kernel=3, select_k=24, tau=0.5, l_min=6, l_obs=4, select_layer=8, filter_layer=5)
 
 
@@ -82,44 +81,45 @@ def _rounded(x) -> float | str | None:
     return float(x)
 
 
-def run_case(case: Case) -> dict:
-    """Run one case with the reference (float64) and return its golden record."""
+def run_case(case: Case, engine_factory=None, dtype: str = "float64") -> dict:
+    """Run one case and return its golden record.
+
+    engine_factory(model_dir) -> engine runs it on another engine (the port);
+    default: the reference in float64.
+    """
     from reference.checkpoint import load_weights
+    from reference.conformance import record_from_trace
     from reference.fetch import resolve_model
     from reference.generate import generate
     from reference.trace import make_trace
 
     model_dir = resolve_model(case.model)
-    weights = load_weights(model_dir, "float64")
+    if engine_factory is None:
+        weights = load_weights(model_dir, dtype)
+        engine = None
+    else:
+        engine = engine_factory(model_dir)
+        weights = engine.weights
+        dtype = "float32"
     params = case.full_params()
-    gen = generate(weights, case.prompt_ids(), case.max_new_tokens, (), method=case.method, params=params)
-    trace, arrays = make_trace(gen, model_name=case.model, model_sha256="", config=weights.config, dtype="float64")
-    keep = ("layer", "prefill_tokens", "kv_tokens", "union_size", "v", "ratio", "margin", "boundary_gap",
-            "kv_boundary_gaps")
+    gen = generate(weights, case.prompt_ids(), case.max_new_tokens, (), method=case.method, params=params, engine=engine)
+    trace, arrays = make_trace(gen, model_name=case.model, model_sha256="", config=weights.config, dtype=dtype)
     scored = [e["layer"] for e in trace["layers"] if e["scored"]]
-    shown = sorted({scored[0], scored[-1], *([trace["select_layer"]] if trace["select_layer"] in scored else [])}) if scored else []
-    last = weights.config.num_hidden_layers - 1
+    shown = {scored[0], scored[-1], trace["select_layer"]} if scored else set()
+    record = record_from_trace(trace, arrays, score_layers=shown)
+    last = str(weights.config.num_hidden_layers - 1)
+    record["kv_positions"] = {last: record["kv_positions"][last]}
+    record["logits"] = np.round(np.asarray(record["logits"]), LOGIT_DECIMALS).tolist()
+    record.pop("num_layers")
     return {
         "case": case.name,
         "model": case.model,
-        "dtype": "float64",
+        "dtype": dtype,
         "method": case.method,
         "params": params.to_dict(),
         "prompt_ids": case.prompt_ids(),
         "max_new_tokens": case.max_new_tokens,
-        "expected": {
-            "select_layer": trace["select_layer"],
-            "kept_positions": trace["kept_positions"],
-            "next_position": trace["next_position"],
-            "generated_ids": trace["generated_ids"],
-            "notes": trace["notes"],
-            "layers": [{k: e.get(k) for k in keep} for e in trace["layers"]],
-            "first_pass": None if trace["first_pass"] is None else [{k: e.get(k) for k in keep} for e in trace["first_pass"]],
-            "ranks": {str(l): arrays[f"ranks/{l}"].tolist() for l in shown},
-            "last_layer_kv_positions": [arrays[f"kv_positions/{last}/{g}"].tolist()
-                                        for g in range(weights.config.num_key_value_heads)],
-            "logits": np.round(arrays["logits"].astype(np.float64), LOGIT_DECIMALS).tolist(),
-        },
+        "expected": record,
     }
 
 
@@ -137,7 +137,7 @@ def golden_text(record: dict) -> str:
                 lines += [f"{indent} {one(e)}," for e in value]
                 lines[-1] = lines[-1].rstrip(",")
                 lines.append(f"{indent}]")
-            elif isinstance(value, dict) and key in ("expected", "ranks"):
+            elif isinstance(value, dict) and key in ("expected", "ranks", "scores", "kv_positions"):
                 lines.append(f'{indent}"{key}": {{')
                 lines += block(value, indent + " ")
                 lines.append(f"{indent}}}")
@@ -156,48 +156,11 @@ def golden_text(record: dict) -> str:
 # ---------------------------------------------------------------- comparison
 
 
-def _close(a, b, abs_tol: float, rel_tol: float = 0.0) -> bool:
-    if a is None or b is None or isinstance(a, str) or isinstance(b, str):
-        return a == b
-    return abs(a - b) <= abs_tol + rel_tol * abs(b)
+def compare(golden: dict, fresh: dict):
+    """(verdict, findings) of a fresh run against its golden, at the fresh run's dtype's tolerance."""
+    from reference.conformance import TOLERANCES, compare as compare_records
 
-
-def compare(expected: dict, got: dict) -> list[str]:
-    """Differences between a golden's `expected` and a fresh record's, each one line; [] when equal."""
-    problems = []
-    for key in ("select_layer", "kept_positions", "next_position", "generated_ids", "notes", "ranks",
-                "last_layer_kv_positions"):
-        if expected[key] != got[key]:
-            problems.append(f"{key}: expected {_short(expected[key])}, got {_short(got[key])}")
-    for part in ("layers", "first_pass"):
-        exp_layers, got_layers = expected[part], got[part]
-        if (exp_layers is None) != (got_layers is None) or (exp_layers and len(exp_layers) != len(got_layers)):
-            problems.append(f"{part}: expected {_short(exp_layers)}, got {_short(got_layers)}")
-            continue
-        for e, g in zip(exp_layers or [], got_layers or []):
-            for key in ("prefill_tokens", "kv_tokens", "union_size"):
-                if e[key] != g[key]:
-                    problems.append(f"{part}[{e['layer']}].{key}: expected {e[key]}, got {g[key]}")
-            for key in ("v", "ratio", "margin"):
-                if not _close(e[key], g[key], GOLDEN_TOLERANCE["criterion"], 1e-9):
-                    problems.append(f"{part}[{e['layer']}].{key}: expected {e[key]}, got {g[key]}")
-            if not _close(e["boundary_gap"], g["boundary_gap"], GOLDEN_TOLERANCE["boundary_gap"], 1e-9):
-                problems.append(f"{part}[{e['layer']}].boundary_gap: expected {e['boundary_gap']}, got {g['boundary_gap']}")
-            e_gaps, g_gaps = e["kv_boundary_gaps"] or [], g["kv_boundary_gaps"] or []
-            if (e["kv_boundary_gaps"] is None) != (g["kv_boundary_gaps"] is None) or len(e_gaps) != len(g_gaps) or \
-                    not all(_close(a, b, GOLDEN_TOLERANCE["boundary_gap"], 1e-9) for a, b in zip(e_gaps, g_gaps)):
-                problems.append(f"{part}[{e['layer']}].kv_boundary_gaps: expected {e_gaps}, got {g_gaps}")
-    diff = np.abs(np.asarray(expected["logits"]) - np.asarray(got["logits"]))
-    if diff.size != len(got["logits"]) or diff.max() > GOLDEN_TOLERANCE["logits"]:
-        worst = int(diff.argmax())
-        problems.append(f"logits: max abs difference {diff.max():.3g} at token id {worst} "
-                        f"(tolerance {GOLDEN_TOLERANCE['logits']})")
-    return problems
-
-
-def _short(x, limit: int = 120) -> str:
-    text = json.dumps(x)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return compare_records(golden["expected"], fresh["expected"], TOLERANCES[fresh["dtype"]])
 
 
 # ---------------------------------------------------------------- command line

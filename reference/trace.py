@@ -133,6 +133,7 @@ def make_trace(
         "kept_positions": None if run.kept_positions is None else [int(p) for p in run.kept_positions],
         "next_position": int(run.next_position),
         "generated_ids": [int(t) for t in gen.generated_ids],
+        "generated_gaps": [float(g) for g in gen.generated_gaps],
         "notes": list(run.notes),
         "layers": layers,
         "first_pass": first_pass,
@@ -248,6 +249,9 @@ def _check_consistency(doc: dict) -> None:
         for i, t in enumerate(doc[field]):
             if t >= V:
                 raise _Invalid(f"$.{field}[{i}]", f"is {t}; expected a token id in [0, {V}) (vocab_size)")
+    if len(doc["generated_gaps"]) != len(doc["generated_ids"]):
+        raise _Invalid("$.generated_gaps", f"has {len(doc['generated_gaps'])} entries; expected one per generated token "
+                                           f"({len(doc['generated_ids'])})")
     bpe = BYTES_PER_ELEMENT[doc["dtype"]]
     if doc["totals"]["bytes_per_element"] != bpe:
         got = doc["totals"]["bytes_per_element"]

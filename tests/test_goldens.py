@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from reference.conformance import FAIL, PASS
 from reference.goldens import GOLDEN_DIR, compare, default_cases, run_case
 
 CASES = default_cases()
@@ -30,18 +31,30 @@ def test_reference_reproduces_its_golden(case):
     golden = json.loads((GOLDEN_DIR / f"{case.name}.json").read_text())
     fresh = run_case(case)
     assert golden["prompt_ids"] == fresh["prompt_ids"] and golden["params"] == fresh["params"]
-    problems = compare(golden["expected"], fresh["expected"])
-    assert not problems, f"{case.name}: " + "; ".join(problems[:5])
+    verdict, findings = compare(golden, fresh)
+    assert verdict == PASS, f"{case.name}: {verdict}: " + "; ".join(f"{f.field}: {f.message}" for f in findings[:5])
 
 
 def test_compare_reports_a_changed_decision():
-    """The comparison can fail: a moved selection layer or a swapped kept token is reported."""
-    golden = json.loads((GOLDEN_DIR / "tiny-llama-asl.json").read_text())["expected"]
-    changed = json.loads(json.dumps(golden))
-    changed["select_layer"] += 1
-    changed["kept_positions"][0] += 1
-    changed["layers"][10]["ratio"] += 1e-6
-    changed["logits"][5] += 1e-3
-    problems = " ".join(compare(golden, changed))
-    for field in ("select_layer", "kept_positions", "layers[10].ratio", "logits"):
-        assert field in problems
+    """The comparison can fail: a moved selection layer, a swapped kept token, a changed logit are reported."""
+    golden = json.loads((GOLDEN_DIR / "tiny-llama-asl.json").read_text())
+    fresh = json.loads(json.dumps(golden))
+
+    def verdict_of(change):
+        changed = json.loads(json.dumps(golden))
+        change(changed["expected"])
+        return compare(golden, changed | {"dtype": "float64"})
+
+    def move_layer(e):
+        e["select_layer"] += 1
+
+    def swap_kept(e):
+        e["kept_positions"][0] += 1
+
+    def nudge_logit(e):
+        e["logits"][5] += 1e-3
+
+    for change, field in ((move_layer, "select_layer"), (swap_kept, "kept_positions"), (nudge_logit, "logits")):
+        verdict, findings = verdict_of(change)
+        assert verdict == FAIL and findings[0].field == field, (field, findings)
+    assert compare(golden, fresh)[0] == PASS

@@ -1,0 +1,120 @@
+"""The port (gpu/) agrees with the reference on random tiny models, prompts and parameters.
+
+Agreement is judged by the tolerance policy of reference/conformance.py
+(docs/conformance.md), the same code the golden checks use. Every test runs
+on the NumPy backend; the CuPy variants run where CuPy and a GPU are present
+and are skipped with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gpu.attention import flash_group_attention
+from gpu.backend import cupy_unavailable_reason, get_xp, to_host
+from gpu.engine import PortEngine
+from gpu.loader import device_copy, load_device_weights
+from reference.attention import group_attention
+from reference.conformance import FAIL, TOLERANCES, compare, record_from_trace
+from reference.generate import generate
+from reference.goldens import GOLDEN_DIR, default_cases, run_case
+from reference.params import Params
+from reference.trace import make_trace
+from tests.model_factory import random_model
+
+CUPY_SKIP = cupy_unavailable_reason()
+BACKENDS = [
+    pytest.param(("numpy", "float32"), id="numpy-float32"),
+    pytest.param(("cupy", "float16"), id="cupy-float16",
+                 marks=pytest.mark.skipif(CUPY_SKIP is not None, reason=f"no GPU backend here: {CUPY_SKIP}")),
+]
+SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                            HealthCheck.function_scoped_fixture])
+
+
+@st.composite
+def agreement_cases(draw):
+    L = draw(st.integers(4, 9))
+    n_kv = draw(st.sampled_from([1, 2]))
+    model = dict(seed=draw(st.integers(0, 10**6)), n_layers=L, n_kv_heads=n_kv,
+                 n_heads=n_kv * draw(st.sampled_from([1, 2, 4])), head_dim=draw(st.sampled_from([4, 8, 16])),
+                 vocab=draw(st.sampled_from([40, 64, 100])), bias=draw(st.booleans()), tied=draw(st.booleans()),
+                 dtype=np.float32)
+    method = draw(st.sampled_from(["asl", "fastkv", "gemfilter", "snapkv", "asl-2pass"]))
+    w = draw(st.integers(1, 8))
+    l_min = draw(st.integers(1, L - 1))
+    kv_budget = draw(st.one_of(st.none(), st.integers(w + 1, w + 30))) if method != "snapkv" else w + draw(st.integers(1, 30))
+    params = Params(window=w, kernel=draw(st.sampled_from([1, 3, 5, 7])), pooling=draw(st.sampled_from(["avg", "max"])),
+                    select_k=draw(st.integers(w + 1, w + 40)), tau=draw(st.sampled_from([0.1, 0.4, 0.8, 1.2])),
+                    l_min=l_min, l_obs=draw(st.integers(2, l_min + 1)), kv_budget=kv_budget,
+                    select_layer=draw(st.integers(0, L - 1)), filter_layer=draw(st.integers(0, L - 1)))
+    ids = np.random.default_rng(model["seed"]).integers(0, model["vocab"], draw(st.integers(1, 90)))
+    return model, method, params, ids
+
+
+def record(gen, weights, dtype):
+    trace, arrays = make_trace(gen, model_name="random", model_sha256="", config=weights.config, dtype=dtype)
+    return record_from_trace(trace, arrays)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@SETTINGS
+@given(case=agreement_cases())
+def test_port_agrees_with_the_reference(backend, case):
+    name, weight_dtype = backend
+    xp = get_xp(name)
+    model, method, params, ids = case
+    weights = random_model(**model)
+    expected = generate(weights, ids, 4, (), method=method, params=params)
+    port = PortEngine(device_copy(weights, xp, weight_dtype), xp, block_q=16, block_k=32)  # small blocks: many of them
+    got = generate(None, ids, 4, (), method=method, params=params, engine=port)
+    verdict, findings = compare(record(expected, weights, "float32"), record(got, weights, "float32"),
+                                TOLERANCES[weight_dtype])
+    assert verdict != FAIL, "; ".join(f"{f.field}: {f.message}" for f in findings)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 70), extra=st.integers(0, 50), G=st.integers(1, 4), bq=st.integers(1, 20),
+       bk=st.integers(1, 40), seed=st.integers(0, 2**31), decode=st.booleans())
+def test_online_softmax_attention_equals_the_reference(backend, T, extra, G, bq, bk, seed, decode):
+    xp = get_xp(backend[0])
+    rng = np.random.default_rng(seed)
+    n = T + extra
+    k_pos = np.sort(rng.choice(np.arange(3 * n), size=n, replace=False)).astype(np.int64)
+    q_pos = k_pos[-1] + 1 + np.arange(T) if decode else k_pos[-T:]
+    q = (3 * rng.standard_normal((G, T, 16))).astype(np.float32)
+    k, v = rng.standard_normal((n, 16)).astype(np.float32), rng.standard_normal((n, 16)).astype(np.float32)
+    got = to_host(flash_group_attention(xp, xp.asarray(q), xp.asarray(k), xp.asarray(v), q_pos, k_pos, bq, bk))
+    expected = group_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), q_pos, k_pos)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, pytest.param(("numpy", "float16"), id="numpy-float16")])
+@pytest.mark.parametrize("case", default_cases(), ids=lambda c: c.name)
+def test_port_reproduces_the_goldens(backend, case):
+    """float16 on NumPy runs the GPU's weight dtype through the same code, so a GPU run is not its first."""
+    name, weight_dtype = backend
+    xp = get_xp(name)
+
+    def engine(model_dir):
+        return PortEngine(load_device_weights(model_dir, xp, weight_dtype, progress=False)[0], xp)
+
+    golden = json.loads((GOLDEN_DIR / f"{case.name}.json").read_text())
+    verdict, findings = compare(golden["expected"], run_case(case, engine)["expected"], TOLERANCES[weight_dtype])
+    assert verdict != FAIL, "; ".join(f"{f.field}: {f.message}" for f in findings)
+
+
+def test_cupy_backend_missing_is_a_clear_error():
+    from reference.errors import OracleError
+
+    if CUPY_SKIP is None:
+        pytest.skip("CuPy with a GPU is present: nothing to refuse")
+    with pytest.raises(OracleError, match="--backend cupy: .*use --backend numpy"):
+        get_xp("cupy")
+    assert get_xp("auto") is np
