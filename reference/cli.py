@@ -50,24 +50,37 @@ def _prompt_ids(args, tok) -> list[int]:
     return encode_chat(tok, args.prompt) if args.chat else tok.encode(args.prompt)
 
 
-def _load(model: str, dtype: str):
+def _load(model: str, dtype: str, backend: str | None = None, weight_dtype: str | None = None):
+    """(model_dir, weights, tokenizer, eos ids, engine): the reference, or the port with --backend."""
     from reference.checkpoint import load_weights
     from reference.fetch import resolve_model
     from reference.generate import eos_token_ids
     from reference.tokenizer import load_tokenizer
 
     model_dir = resolve_model(model)
-    weights = load_weights(model_dir, dtype)
+    engine = None
+    if backend is None:
+        weights = load_weights(model_dir, dtype)
+    else:
+        from gpu.backend import get_xp, is_cupy
+        from gpu.engine import PortEngine
+        from gpu.loader import load_device_weights
+
+        if dtype != "float32":
+            raise OracleError(f"--backend {backend} computes in float32; drop --dtype {dtype} (the reference has float64)")
+        xp = get_xp(backend)
+        weights, _ = load_device_weights(model_dir, xp, weight_dtype or ("float16" if is_cupy(xp) else "float32"))
+        engine = PortEngine(weights, xp)
     tok = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
-    return model_dir, weights, tok, eos_token_ids(model_dir, weights.config)
+    return model_dir, weights, tok, eos_token_ids(model_dir, weights.config), engine
 
 
 def cmd_generate(args) -> int:
     from reference.generate import generate
 
-    _, weights, tok, eos = _load(args.model, args.dtype)
+    _, weights, tok, eos, engine = _load(args.model, args.dtype, args.backend, args.weight_dtype)
     ids = _prompt_ids(args, tok)
-    result = generate(weights, ids, args.max_new_tokens, eos)
+    result = generate(weights, ids, args.max_new_tokens, eos, engine=engine)
     text = tok.decode(result.generated_ids) if tok is not None else json.dumps(result.generated_ids)
     print(text)
     n = len(result.generated_ids)
@@ -111,11 +124,11 @@ def cmd_run(args) -> int:
     from reference.params import check_params
     from reference.trace import make_trace, model_sha256, save_trace
 
-    model_dir, weights, tok, eos = _load(args.model, args.dtype)
+    model_dir, weights, tok, eos, engine = _load(args.model, args.dtype, args.backend, args.weight_dtype)
     params = _params(args)
     check_params(args.method, params, weights.config.num_hidden_layers)  # before any long work
     ids = _prompt_ids(args, tok)
-    result = generate(weights, ids, args.max_new_tokens, eos, method=args.method, params=params)
+    result = generate(weights, ids, args.max_new_tokens, eos, method=args.method, params=params, engine=engine)
     sha = model_sha256(model_dir) if args.trace else ""  # hashing reads every weight: only for a saved trace
     trace, arrays = make_trace(result, model_name=args.model, model_sha256=sha, config=weights.config, dtype=args.dtype)
     if args.trace:
@@ -176,7 +189,7 @@ def cmd_demo(args) -> int:
     from reference.trace import make_trace
 
     start = time.perf_counter()
-    _, weights, tok, eos = _load(args.model, "float32")
+    _, weights, tok, eos, _ = _load(args.model, "float32")
     prompt = passkey_prompt(tok, args.tokens, seed=args.seed)
     params = Params(**DEMO_PARAMS)
     print(f"model: {args.model}   prompt: {len(prompt.ids)} tokens, pass key {prompt.answer} hidden at half depth")
@@ -208,6 +221,11 @@ def _add_model_and_prompt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as a user turn")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="token limit (default 64)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="compute dtype (default float32)")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default=None,
+                   help="run on the port (gpu/) with this array module instead of the reference; "
+                        "cupy needs the gpu extra and an NVIDIA GPU")
+    p.add_argument("--weight-dtype", choices=["float16", "float32"], default=None,
+                   help="the port's weight dtype (default: float16 on cupy, float32 on numpy)")
 
 
 def _add_method_params(p: argparse.ArgumentParser) -> None:

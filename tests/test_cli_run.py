@@ -88,3 +88,26 @@ def test_asl_trace_refuses_malformed_files_in_one_line(tmp_path, content, fragme
     bad.write_text(content)
     assert_clean_error(run_asl("trace", str(bad)), fragment)
     assert_clean_error(run_asl("trace", str(tmp_path / "missing.json")))
+
+
+def test_backend_numpy_runs_the_port_with_the_same_decisions(capsys):
+    args = ["run", "--model", "tiny-qwen2", "--prompt", "w" * 80, "--method", "asl", *SMALL, "--max-new-tokens", "4"]
+    main(args)
+    reference_out = capsys.readouterr().out
+    main(args + ["--backend", "numpy"])
+    port_out = capsys.readouterr().out
+    assert reference_out.splitlines()[-1] == port_out.splitlines()[-1]  # the summary: same layer, kept, KV
+
+
+def test_backend_cupy_without_cupy_names_the_fix():
+    from gpu.backend import cupy_unavailable_reason
+
+    if cupy_unavailable_reason() is None:
+        pytest.skip("CuPy and a GPU are present")
+    assert_clean_error(run_asl("generate", "--model", "tiny-llama", "--prompt", "hi", "--backend", "cupy"),
+                       "--backend cupy", "asl-oracle[gpu]")
+
+
+def test_backend_with_float64_is_refused():
+    assert_clean_error(run_asl("generate", "--model", "tiny-llama", "--prompt", "hi", "--backend", "numpy",
+                               "--dtype", "float64"), "computes in float32")
