@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpu.attention import flash_group_attention
+from gpu.attention import flash_attention, flash_group_attention
 from gpu.backend import is_cupy, to_host
 from reference.checkpoint import Weights
 from reference.rope import inverse_frequencies
@@ -54,6 +54,7 @@ class PortEngine:
         self.cache_dtype = weights.layers[0].wk.dtype
         self.dtype = np.dtype(F32)
         self.inv_freq = inverse_frequencies(self.config)  # (hd/2,) float64, host
+        self._rope_positions, self._rope = None, None
 
     # ------------------------------------------------------------ pieces
 
@@ -68,14 +69,28 @@ class PortEngine:
             * weight.astype(F32, copy=False)
 
     def silu(self, x):
-        return x * (0.5 * (1.0 + self.xp.tanh(0.5 * x)))
+        """x · sigmoid(x) as x / (1 + e^-x): e^-x may overflow to inf for x < -88, giving the right -0."""
+        xp = self.xp
+        with np.errstate(over="ignore"):
+            e = xp.exp(-x)
+            e += 1.0
+            return xp.divide(x, e, out=e)
+
+    def rope_tables(self, positions: np.ndarray):
+        """cos, sin (T, hd) of the angles at `positions`, computed in float64, rounded once;
+        kept for the next call with the same positions (every layer of a pass)."""
+        if self._rope_positions is None or not np.array_equal(self._rope_positions, positions):
+            xp = self.xp
+            angles = xp.asarray(positions, dtype=np.float64)[:, None] * xp.asarray(self.inv_freq)[None, :]  # (T, hd/2)
+            cos, sin = xp.cos(angles).astype(F32), xp.sin(angles).astype(F32)
+            self._rope = xp.concatenate([cos, cos], axis=-1), xp.concatenate([sin, sin], axis=-1)  # (T, hd) each
+            self._rope_positions = np.array(positions, copy=True)
+        return self._rope
 
     def rope(self, x, positions: np.ndarray):
-        """x (n_heads, T, hd) rotated at `positions` (angles in float64, rounded once to float32)."""
+        """x (n_heads, T, hd) rotated at `positions` (half-split layout, as the reference)."""
         xp = self.xp
-        angles = xp.asarray(positions, dtype=np.float64)[:, None] * xp.asarray(self.inv_freq)[None, :]  # (T, hd/2)
-        cos, sin = xp.cos(angles).astype(F32), xp.sin(angles).astype(F32)
-        cos, sin = xp.concatenate([cos, cos], axis=-1), xp.concatenate([sin, sin], axis=-1)  # (T, hd)
+        cos, sin = self.rope_tables(positions)
         half = x.shape[-1] // 2
         rotated = xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
         return x * cos + rotated * sin
@@ -115,14 +130,25 @@ class PortEngine:
             cache.lengths[g] = n + 1
 
     def attend(self, q, cache: PortLayerCache, positions: np.ndarray):
-        """Query head h reads KV head h // G; q (H, T, hd) -> (T, H·hd)."""
-        G = self.config.group_size
-        out = self.xp.empty_like(q)
-        for g in range(self.config.num_key_value_heads):
-            k, v, pos = cache.head(g)
-            out[g * G:(g + 1) * G] = flash_group_attention(self.xp, q[g * G:(g + 1) * G], k, v, positions, pos,
-                                                           self.block_q, self.block_k)
-        return out.transpose(1, 0, 2).reshape(q.shape[1], -1)
+        """Query head h reads KV head h // G; q (H, T, hd) -> (T, H·hd).
+
+        All KV heads at once while they hold the same positions (prefill, or
+        decoding without SnapKV); head by head otherwise.
+        """
+        H_kv, G = self.config.num_key_value_heads, self.config.group_size
+        H, T, hd = q.shape
+        n = cache.lengths[0]
+        if all(m == n for m in cache.lengths) and all(np.array_equal(cache.pos[0, :n], cache.pos[g, :n])
+                                                     for g in range(1, H_kv)):
+            out = flash_attention(self.xp, q.reshape(H_kv, G, T, hd), cache.k[:, :n], cache.v[:, :n], positions,
+                                  cache.pos[0, :n], self.block_q, self.block_k).reshape(H, T, hd)
+        else:
+            out = self.xp.empty_like(q)
+            for g in range(H_kv):
+                k, v, pos = cache.head(g)
+                out[g * G:(g + 1) * G] = flash_group_attention(self.xp, q[g * G:(g + 1) * G], k, v, positions, pos,
+                                                               self.block_q, self.block_k)
+        return out.transpose(1, 0, 2).reshape(T, -1)
 
     def mlp_(self, x, lw):
         """x += mlp(norm(x)), in token chunks."""

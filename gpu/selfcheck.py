@@ -1,0 +1,340 @@
+"""The prepared device check: agreement, goldens and a full-size benchmark in one go.
+
+    python -m gpu.selfcheck --out OUT                      # on a GPU machine: CuPy, Llama-3.1-8B shapes
+    python -m gpu.selfcheck --backend numpy --small --out OUT --skip-pytest   # its CPU half (run by the tests)
+
+Steps, each written to OUT as it finishes (so a run cut short still reports):
+1. environment: device, driver, CUDA and CuPy versions, numpy, torch;
+2. agreement: tests/test_port_agreement.py under pytest (hypothesis, random
+   tiny models, the CuPy variants included when a GPU is present);
+3. goldens: every golden case on the port at its weight dtype, judged by
+   reference/conformance.py;
+4. benchmark: a randomly initialised Llama-3.1-8B-shaped model (weights made on
+   the device; --small: a small shape) at each --lengths: `full` and ASL's
+   one-shot selection (forced at layer 15 with FastKV when random weights never
+   fire the criterion), prefill seconds, decode ms/token, peak memory,
+   achieved TFLOP/s against a GEMM measured in the same run, and, when torch
+   is importable, PyTorch SDPA prefill of the same shapes as the peer.
+OUT/results.json holds every number; OUT/gpu-results.md the report for
+docs/gpu-results.md. The run keeps to --budget-s and skips what would not fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+LLAMA_31_8B = dict(
+    model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+    max_position_embeddings=131072, tie_word_embeddings=False,
+    rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=8192),
+)
+SMALL = dict(
+    model_type="llama", vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+    num_attention_heads=8, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0,
+    max_position_embeddings=4096, tie_word_embeddings=False,
+)
+ASL_PARAMS = dict(tau=0.3, l_min=10, l_obs=8, window=32, kernel=7, select_k=2048, select_layer=15)
+SMALL_ASL_PARAMS = dict(tau=0.3, l_min=4, l_obs=3, window=16, kernel=7, select_k=128, select_layer=4)
+
+
+class Report:
+    """Collects results and rewrites OUT/results.json after every step."""
+
+    def __init__(self, out: Path):
+        self.out, self.data, self.start = out, {}, time.perf_counter()
+        out.mkdir(parents=True, exist_ok=True)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def put(self, key: str, value) -> None:
+        self.data[key] = value
+        (self.out / "results.json").write_text(json.dumps(self.data, indent=1, default=str) + "\n")
+        print(f"[{self.elapsed():6.1f} s] {key}: {json.dumps(value, default=str)[:300]}", flush=True)
+
+
+def sync(xp) -> None:
+    if xp.__name__ == "cupy":
+        xp.cuda.Device().synchronize()
+
+
+def environment(xp) -> dict:
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "host": platform.node(), "python": platform.python_version(), "numpy": np.__version__,
+           "backend": xp.__name__, "command": " ".join(sys.argv)}
+    if xp.__name__ == "cupy":
+        rt = xp.cuda.runtime
+        props = rt.getDeviceProperties(0)
+        env |= {"device": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
+                "device_memory_gib": round(props["totalGlobalMem"] / 2**30, 1),
+                "driver": rt.driverGetVersion(), "cuda_runtime": rt.runtimeGetVersion(), "cupy": xp.__version__,
+                "CUPY_TF32": os.environ.get("CUPY_TF32", "0")}
+    else:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        env |= {"device": f"CPU ({os.cpu_count()} cores)", "blas": f"{blas.get('name')} {blas.get('version')}"}
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+        env["torch_cuda"] = bool(torch.cuda.is_available())
+    except ImportError:
+        env["torch"] = None
+    return env
+
+
+def run_agreement_tests(report: Report, timeout_s: float) -> None:
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "tests" / "test_port_agreement.py")]
+    try:
+        done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout_s)
+        (report.out / "agreement.log").write_text(done.stdout + done.stderr)
+        report.put("agreement", {"returncode": done.returncode, "summary": done.stdout.strip().splitlines()[-1:]})
+    except subprocess.TimeoutExpired as e:
+        (report.out / "agreement.log").write_text(str(e.stdout or ""))
+        report.put("agreement", {"returncode": None, "summary": [f"timed out after {timeout_s:.0f} s"]})
+
+
+def run_goldens(report: Report, xp, weight_dtype: str) -> None:
+    from gpu.engine import PortEngine
+    from gpu.loader import load_device_weights
+    from reference.conformance import TOLERANCES, compare
+    from reference.goldens import GOLDEN_DIR, default_cases, run_case
+
+    def engine(model_dir):
+        return PortEngine(load_device_weights(model_dir, xp, weight_dtype, progress=False)[0], xp)
+
+    verdicts = {}
+    for case in default_cases():
+        golden = json.loads((GOLDEN_DIR / f"{case.name}.json").read_text())
+        verdict, findings = compare(golden["expected"], run_case(case, engine)["expected"], TOLERANCES[weight_dtype])
+        verdicts[case.name] = verdict if not findings else f"{verdict}: {findings[0].field}: {findings[0].message}"
+    counts = {v: sum(1 for x in verdicts.values() if x.split(":")[0] == v) for v in ("PASS", "PASS-within-tolerance", "FAIL")}
+    report.put("goldens", {"weight_dtype": weight_dtype, "counts": counts, "cases": verdicts})
+
+
+def gemm_tflops(xp, n: int, dtype) -> float:
+    a = xp.ones((n, n), dtype=dtype)
+    b = xp.ones((n, n), dtype=dtype)
+    a @ b
+    sync(xp)
+    start = time.perf_counter()
+    reps = 5
+    for _ in range(reps):
+        a @ b
+    sync(xp)
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def peak_memory_reset(xp) -> None:
+    if xp.__name__ == "cupy":
+        xp.get_default_memory_pool().free_all_blocks()
+
+
+def peak_memory_gib(xp) -> float:
+    if xp.__name__ == "cupy":
+        return xp.get_default_memory_pool().total_bytes() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB
+
+
+def port_point(xp, weights, cfg, n_tokens: int, method: str, params, decode_tokens: int) -> dict:
+    from gpu.engine import PortEngine
+    from reference.generate import generate
+    from reference.trace import make_trace
+
+    ids = np.random.default_rng(n_tokens).integers(0, cfg.vocab_size, n_tokens)
+    engine = PortEngine(weights, xp)
+    peak_memory_reset(xp)
+    sync(xp)
+    start = time.perf_counter()
+    gen = generate(None, ids, 0, (), method=method, params=params, engine=engine)
+    sync(xp)
+    prefill_s = time.perf_counter() - start
+    trace, _ = make_trace(gen, model_name="random", model_sha256="", config=cfg, dtype="float32")
+    logits, cache, position = gen.prefill.logits, gen.prefill.cache, gen.prefill.next_position
+    start = time.perf_counter()
+    for t in range(decode_tokens):
+        logits, cache = engine.decode(cache, int(np.argmax(logits)), position + t)
+    sync(xp)
+    decode_ms = 1000 * (time.perf_counter() - start) / max(decode_tokens, 1)
+    return {"method": method, "tokens": n_tokens, "prefill_s": round(prefill_s, 3), "decode_ms_per_token": round(decode_ms, 2),
+            "peak_memory_gib": round(peak_memory_gib(xp), 2), "select_layer": trace["select_layer"],
+            "kept": None if trace["kept_positions"] is None else len(trace["kept_positions"]),
+            "prefill_flops": trace["totals"]["prefill_flops"], "kv_fraction": round(trace["totals"]["kv_fraction"], 4),
+            "tflops": round(trace["totals"]["prefill_flops"] / prefill_s / 1e12, 2)}
+
+
+def torch_point(cfg, n_tokens: int, on_gpu: bool) -> dict | None:
+    """PyTorch peer: the same shapes (one layer's random weights reused for every layer), SDPA attention."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    if on_gpu and not torch.cuda.is_available():
+        return None
+    dev, dt = ("cuda", torch.float16) if on_gpu else ("cpu", torch.float32)
+    D, Fm, H, H_kv, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g, device=dev, dtype=torch.float32) / shape[-1] ** 0.5).to(dt)
+
+    wq, wk, wv, wo = rand(H * hd, D), rand(H_kv * hd, D), rand(H_kv * hd, D), rand(D, H * hd)
+    wg, wu, wd = rand(Fm, D), rand(Fm, D), rand(D, Fm)
+    inv = torch.tensor(__import__("reference.rope", fromlist=["x"]).inverse_frequencies(cfg), device=dev)
+    ang = torch.arange(n_tokens, device=dev, dtype=torch.float64)[:, None] * inv[None]
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dt), torch.cat([ang.sin()] * 2, -1).to(dt)
+
+    def rope(x):
+        n = x.shape[1]
+        x1, x2 = x.chunk(2, -1)
+        return x * cos[:n] + torch.cat([-x2, x1], -1) * sin[:n]
+
+    def norm(x):
+        return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps).to(dt)
+
+    def forward(x):
+        n = x.shape[0]
+        for _ in range(cfg.num_hidden_layers):
+            h = norm(x)
+            q = rope((h @ wq.T).view(n, H, hd).transpose(0, 1))
+            k = rope((h @ wk.T).view(n, H_kv, hd).transpose(0, 1))
+            v = (h @ wv.T).view(n, H_kv, hd).transpose(0, 1)
+            a = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True)[0]
+            x = x + a.transpose(0, 1).reshape(n, H * hd) @ wo.T
+            h = norm(x)
+            x = x + (F.silu(h @ wg.T) * (h @ wu.T)) @ wd.T
+        return x
+
+    x = torch.randn(n_tokens, D, generator=g, device=dev, dtype=torch.float32).to(dt)
+    with torch.inference_mode():
+        forward(x[:64] if n_tokens > 64 else x)
+        if on_gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        forward(x)
+        if on_gpu:
+            torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None
+    return {"tokens": n_tokens, "prefill_s": round(seconds, 3), "peak_memory_gib": None if peak is None else round(peak, 2),
+            "dtype": str(dt)}
+
+
+def run_benchmark(report: Report, xp, small: bool, lengths: list[int], weight_dtype: str, budget_s: float) -> None:
+    from gpu.loader import random_device_weights
+    from reference.config import parse_config
+    from reference.params import Params
+
+    cfg = parse_config(SMALL if small else LLAMA_31_8B)
+    weights = random_device_weights(cfg, xp, weight_dtype)
+    asl = Params(**(SMALL_ASL_PARAMS if small else ASL_PARAMS))
+    on_gpu = xp.__name__ == "cupy"
+    gemm = gemm_tflops(xp, 8192 if on_gpu else 1024, np.float16 if on_gpu else np.float32)
+    report.put("gemm_tflops", {"dtype": "float16" if on_gpu else "float32", "tflops": round(gemm, 2)})
+    points, forced = [], None
+    for n in lengths:
+        if report.elapsed() > budget_s:
+            points.append({"tokens": n, "skipped": f"time budget of {budget_s:.0f} s reached"})
+            report.put("benchmark", points)
+            continue
+        full = port_point(xp, weights, cfg, n, "full", asl, 4)
+        if forced is None:  # does the criterion fire on random weights? asked once, at the shortest length
+            probe = port_point(xp, weights, cfg, n, "asl", asl, 0)
+            forced = probe["select_layer"] is None
+            one_shot = probe if not forced else port_point(xp, weights, cfg, n, "fastkv", asl, 4)
+        else:
+            one_shot = port_point(xp, weights, cfg, n, "fastkv" if forced else "asl", asl, 4)
+        one_shot["label"] = f"asl (forced at layer {asl.select_layer} via fastkv)" if forced else "asl"
+        peer = torch_point(cfg, n, on_gpu) if report.elapsed() < budget_s else None
+        point = {"tokens": n, "full": full, "asl": one_shot, "torch_sdpa": peer,
+                 "full_vs_torch": None if peer is None else round(full["prefill_s"] / peer["prefill_s"], 2),
+                 "asl_time_saved": round(1 - one_shot["prefill_s"] / full["prefill_s"], 3),
+                 "asl_flops_saved": round(1 - one_shot["prefill_flops"] / full["prefill_flops"], 3),
+                 "full_fraction_of_gemm_rate": round(full["tflops"] / gemm, 3)}
+        points.append(point)
+        report.put("benchmark", points)
+
+
+def markdown(data: dict) -> str:
+    env = data.get("environment", {})
+    lines = ["# Device check results", "",
+             f"- date: {env.get('date')}", f"- device: {env.get('device')} ({env.get('backend')})",
+             f"- driver / CUDA runtime / CuPy: {env.get('driver')} / {env.get('cuda_runtime')} / {env.get('cupy')}",
+             f"- numpy {env.get('numpy')}, torch {env.get('torch')}", f"- command: `{env.get('command')}`", ""]
+    if "agreement" in data:
+        lines += [f"Agreement tests: return code {data['agreement']['returncode']}, {data['agreement']['summary']}", ""]
+    if "goldens" in data:
+        lines += [f"Goldens on the port ({data['goldens']['weight_dtype']} weights): {data['goldens']['counts']}", ""]
+    if "gemm_tflops" in data:
+        lines += [f"GEMM rate measured in the same run: {data['gemm_tflops']['tflops']} TFLOP/s "
+                  f"({data['gemm_tflops']['dtype']})", ""]
+    if "benchmark" in data:
+        lines += ["| tokens | full prefill s | asl prefill s | torch SDPA s | full / torch | full TFLOP/s | "
+                  "decode ms/token | peak GiB (full) | asl time saved | asl FLOPs saved |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for p in data["benchmark"]:
+            if "skipped" in p:
+                lines.append(f"| {p['tokens']} | {p['skipped']} | | | | | | | | |")
+                continue
+            t = p["torch_sdpa"] or {}
+            lines.append(f"| {p['tokens']} | {p['full']['prefill_s']} | {p['asl']['prefill_s']} | {t.get('prefill_s', '-')} | "
+                         f"{p['full_vs_torch'] or '-'} | {p['full']['tflops']} | {p['full']['decode_ms_per_token']} | "
+                         f"{p['full']['peak_memory_gib']} | {p['asl_time_saved']} | {p['asl_flops_saved']} |")
+        labels = {p["asl"]["label"] for p in data["benchmark"] if "asl" in p}
+        lines += ["", f"ASL column: {', '.join(sorted(labels))}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gpu.selfcheck", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=["auto", "cupy", "numpy"], default="auto")
+    parser.add_argument("--out", type=Path, default=Path("selfcheck-out"), help="results folder (default selfcheck-out)")
+    parser.add_argument("--small", action="store_true", help="a small random model instead of Llama-3.1-8B shapes")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None,
+                        help="prompt lengths (default 16384 32768 131072; --small: 256 512)")
+    parser.add_argument("--budget-s", type=float, default=460.0, help="stop starting new work after this (default 460)")
+    parser.add_argument("--skip-pytest", action="store_true", help="leave out the pytest agreement step")
+    parser.add_argument("--no-tf32", action="store_true", help="CuPy: keep float32 GEMMs off TF32 tensor cores")
+    args = parser.parse_args(argv)
+    if not args.no_tf32:
+        os.environ.setdefault("CUPY_TF32", "1")  # read by CuPy at import: float32 GEMMs on tensor cores
+    from gpu.backend import get_xp, is_cupy
+
+    xp = get_xp(args.backend)
+    weight_dtype = "float16" if is_cupy(xp) else "float32"
+    lengths = args.lengths or ([256, 512] if args.small else [16384, 32768, 131072])
+    report = Report(args.out)
+    report.put("environment", environment(xp))
+    try:
+        if not args.skip_pytest:
+            run_agreement_tests(report, timeout_s=max(60.0, args.budget_s / 3))
+        run_goldens(report, xp, weight_dtype)
+        run_benchmark(report, xp, args.small, lengths, weight_dtype, args.budget_s)
+    except Exception as e:  # keep what was measured; say what broke
+        report.put("error", f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        (args.out / "gpu-results.md").write_text(markdown(report.data))
+        print(f"results in {args.out}/results.json and {args.out}/gpu-results.md ({report.elapsed():.0f} s)")
+    failed = report.data.get("agreement", {}).get("returncode") not in (None, 0) or report.data["goldens"]["counts"]["FAIL"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
