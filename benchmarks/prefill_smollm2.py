@@ -1,6 +1,7 @@
-"""Prefill time and peak memory: the reference against transformers (sdpa), SmolLM2, float32.
+"""Prefill time and peak memory: the reference and the port (NumPy) against transformers (sdpa), SmolLM2, float32.
 
-    python benchmarks/prefill_smollm2.py [--tokens 1024 2048 4096] [--repeats 1]
+    python benchmarks/prefill_smollm2.py [--tokens 1024 2048 4096] [--repeats 1] [--impls reference port transformers]
+    python benchmarks/prefill_smollm2.py --asl [--tokens 1024 4096]   # the port: ASL vs full, time vs FLOPs saved
 
 Each (implementation, length) runs in its own subprocess, so peak memory
 (ru_maxrss: weights, activations and the KV cache) belongs to that run alone.
@@ -44,6 +45,23 @@ def run_reference(model_dir, ids, repeats: int) -> float:
     return min(times)
 
 
+def run_port(model_dir, ids, repeats: int, method: str = "full", params=None) -> tuple[float, object]:
+    import numpy as np
+
+    from gpu.engine import PortEngine
+    from gpu.loader import load_device_weights
+    from reference.methods import run_prefill
+
+    engine = PortEngine(load_device_weights(model_dir, np, "float32", progress=False)[0], np)
+    run_prefill(None, ids[:64], "full", engine=engine)
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = run_prefill(None, ids, method, params, engine=engine)
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
 def run_transformers(model_dir, ids, repeats: int) -> float:
     import torch
     from transformers import AutoModelForCausalLM
@@ -65,9 +83,56 @@ def worker(impl: str, n_tokens: int, repeats: int) -> None:
 
     model_dir = resolve_model("smollm2")
     ids = prompt_ids(model_dir, n_tokens)
-    seconds = (run_reference if impl == "reference" else run_transformers)(model_dir, ids, repeats)
+    if impl == "port":
+        seconds = run_port(model_dir, ids, repeats)[0]
+    else:
+        seconds = (run_reference if impl == "reference" else run_transformers)(model_dir, ids, repeats)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(json.dumps({"impl": impl, "tokens": len(ids), "seconds": seconds, "peak_mb": peak_mb}))
+
+
+def prefill_gflop(n_tokens: int) -> float:
+    """The analytic prefill FLOPs of a full SmolLM2 run (reference.methods.layer_flops), in GFLOP."""
+    from reference.config import load_config
+    from reference.fetch import resolve_model
+    from reference.methods import layer_flops
+
+    cfg = load_config(resolve_model("smollm2"))
+    return cfg.num_hidden_layers * layer_flops(cfg, n_tokens) / 1e9
+
+
+def gemm_gflops() -> float:
+    """A plain float32 GEMM of the model's MLP shape (4096 x 576 @ 576 x 1536), best of 5."""
+    import numpy as np
+
+    a, b = np.ones((4096, 576), np.float32), np.ones((576, 1536), np.float32)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * 4096 * 576 * 1536 / best / 1e9
+
+
+def asl_vs_full(tokens: list[int]) -> int:
+    """On the port: does ASL's prefill time saving follow the trace's FLOP estimate?"""
+    from reference.fetch import resolve_model
+    from reference.params import Params
+    from reference.prompts import passkey_prompt
+    from reference.tokenizer import load_tokenizer
+
+    model_dir = resolve_model("smollm2")
+    params = Params(tau=0.3, l_min=10, l_obs=8, window=32, kernel=7, select_k=256)
+    print(f"{'tokens':>7} {'full s':>8} {'asl s':>8} {'layer':>6} {'time saved':>11} {'FLOPs saved':>12} {'ratio':>6}")
+    for n in tokens:
+        ids = passkey_prompt(load_tokenizer(model_dir), n, seed=0).ids
+        full_s, full = run_port(model_dir, ids, 1, "full", params)
+        asl_s, asl = run_port(model_dir, ids, 1, "asl", params)
+        flops = [sum(r.flops for r in (res.first_pass or []) + res.layers) for res in (full, asl)]
+        time_saved, flops_saved = 1 - asl_s / full_s, 1 - flops[1] / flops[0]
+        print(f"{len(ids):>7} {full_s:>8.2f} {asl_s:>8.2f} {str(asl.select_layer):>6} {time_saved:>10.1%} "
+              f"{flops_saved:>11.1%} {time_saved / flops_saved if flops_saved else float('nan'):>6.2f}", flush=True)
+    return 0
 
 
 def environment() -> str:
@@ -93,24 +158,34 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per point; the best is reported")
-    parser.add_argument("--worker", choices=["reference", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--impls", nargs="+", default=["reference", "port", "transformers"],
+                        choices=["reference", "port", "transformers"], help="implementations to time (transformers is the peer)")
+    parser.add_argument("--asl", action="store_true", help="the port's ASL vs full instead (passkey prompt)")
+    parser.add_argument("--worker", choices=["reference", "port", "transformers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.tokens[0], args.repeats)
         return 0
     print(environment())
-    print(f"{'tokens':>7} {'reference s':>12} {'transformers s':>15} {'time ratio':>11} {'ref peak MB':>12} {'tf peak MB':>11}")
+    if args.asl:
+        return asl_vs_full(args.tokens)
+    gemm = gemm_gflops()
+    print(f"plain float32 GEMM (4096x576 @ 576x1536): {gemm:.0f} GFLOP/s")
+    impls = [i for i in args.impls if i != "transformers"] + ["transformers"]
+    header = " ".join(f"{i + ' s':>15} {'x tf':>6} {'GFLOP/s':>8} {'peak MB':>8}" for i in impls)
+    print(f"{'tokens':>7} {header}")
     for n in args.tokens:
         row = {}
-        for impl in ("reference", "transformers"):
+        for impl in impls:
             out = subprocess.run(
                 [sys.executable, __file__, "--worker", impl, "--tokens", str(n), "--repeats", str(args.repeats)],
                 capture_output=True, text=True, check=True,
             )
             row[impl] = json.loads(out.stdout.strip().splitlines()[-1])
-        r, t = row["reference"], row["transformers"]
-        print(f"{r['tokens']:>7} {r['seconds']:>12.2f} {t['seconds']:>15.2f} {r['seconds'] / t['seconds']:>10.2f}x"
-              f" {r['peak_mb']:>12.0f} {t['peak_mb']:>11.0f}", flush=True)
+        peer, work = row["transformers"]["seconds"], prefill_gflop(n)
+        cells = " ".join(f"{row[i]['seconds']:>15.2f} {row[i]['seconds'] / peer:>5.2f}x {work / row[i]['seconds']:>8.0f} "
+                         f"{row[i]['peak_mb']:>8.0f}" for i in impls)
+        print(f"{n:>7} {cells}", flush=True)
     return 0
 
 
