@@ -24,7 +24,8 @@ import numpy as np
 from gpu.attention import flash_attention, flash_group_attention
 from gpu.backend import is_cupy, to_host
 from reference.checkpoint import Weights
-from reference.rope import inverse_frequencies
+from reference.model import rms_norm, silu
+from reference.rope import apply_rope, rope_tables
 
 F32 = np.float32
 
@@ -53,7 +54,6 @@ class PortEngine:
         self.mlp_chunk, self.decode_reserve = mlp_chunk, decode_reserve
         self.cache_dtype = weights.layers[0].wk.dtype
         self.dtype = np.dtype(F32)
-        self.inv_freq = inverse_frequencies(self.config)  # (hd/2,) float64, host
         self._rope_positions, self._rope = None, None
 
     # ------------------------------------------------------------ pieces
@@ -64,36 +64,16 @@ class PortEngine:
         return y if b is None else y + b.astype(F32, copy=False)
 
     def rms_norm(self, x, weight):
-        xp = self.xp
-        return x * (1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + self.config.rms_norm_eps)).astype(F32) \
-            * weight.astype(F32, copy=False)
-
-    def silu(self, x):
-        """x · sigmoid(x) as x / (1 + e^-x): e^-x may overflow to inf for x < -88, giving the right -0."""
-        xp = self.xp
-        with np.errstate(over="ignore"):
-            e = xp.exp(-x)
-            e += 1.0
-            return xp.divide(x, e, out=e)
-
-    def rope_tables(self, positions: np.ndarray):
-        """cos, sin (T, hd) of the angles at `positions`, computed in float64, rounded once;
-        kept for the next call with the same positions (every layer of a pass)."""
-        if self._rope_positions is None or not np.array_equal(self._rope_positions, positions):
-            xp = self.xp
-            angles = xp.asarray(positions, dtype=np.float64)[:, None] * xp.asarray(self.inv_freq)[None, :]  # (T, hd/2)
-            cos, sin = xp.cos(angles).astype(F32), xp.sin(angles).astype(F32)
-            self._rope = xp.concatenate([cos, cos], axis=-1), xp.concatenate([sin, sin], axis=-1)  # (T, hd) each
-            self._rope_positions = np.array(positions, copy=True)
-        return self._rope
+        return rms_norm(x, weight, self.config.rms_norm_eps)  # the reference's, on xp arrays (float32 result)
 
     def rope(self, x, positions: np.ndarray):
-        """x (n_heads, T, hd) rotated at `positions` (half-split layout, as the reference)."""
-        xp = self.xp
-        cos, sin = self.rope_tables(positions)
-        half = x.shape[-1] // 2
-        rotated = xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-        return x * cos + rotated * sin
+        """x (n_heads, T, hd) rotated at `positions`: the reference's tables and rotation, on the device.
+        The tables are kept for the next call with the same positions (every layer of a pass)."""
+        if self._rope_positions is None or not np.array_equal(self._rope_positions, positions):
+            cos, sin = rope_tables(self.config, positions, F32)  # (T, hd) each, host
+            self._rope = self.xp.asarray(cos), self.xp.asarray(sin)
+            self._rope_positions = np.array(positions, copy=True)
+        return apply_rope(x, *self._rope)
 
     def qkv(self, x, lw, positions):
         cfg = self.config
@@ -154,8 +134,7 @@ class PortEngine:
         """x += mlp(norm(x)), in token chunks."""
         for a in range(0, x.shape[0], self.mlp_chunk):
             h = self.rms_norm(x[a:a + self.mlp_chunk], lw.mlp_norm)
-            x[a:a + self.mlp_chunk] += self.linear(self.silu(self.linear(h, lw.w_gate)) * self.linear(h, lw.w_up),
-                                                   lw.w_down)
+            x[a:a + self.mlp_chunk] += self.linear(silu(self.linear(h, lw.w_gate)) * self.linear(h, lw.w_up), lw.w_down)
         return x
 
     # ------------------------------------------------------------ the engine interface

@@ -6,7 +6,8 @@
 A golden is a trimmed trace (docs/trace.md) of one case: token ids, the
 selection layer, kept positions, per-layer cache sizes and criterion values,
 the ranks of a few scored layers, per-head cached positions of the last layer,
-and the next-token logits rounded to 8 decimals. Cases run in float64, so a
+and the next-token logits rounded to 8 decimals (every float to 10
+significant digits, so last-bit changes do not churn the files). Cases run in float64, so a
 golden does not depend on the BLAS that made it. `compare` is what
 tests/test_goldens.py applies: the tolerance policy of `reference.conformance`
 (docs/conformance.md) at the dtype of the run being checked.
@@ -27,6 +28,7 @@ from reference.params import Params
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "tests" / "goldens"
 LOGIT_DECIMALS = 8
+SIGNIFICANT_DIGITS = 10  # far inside the float64 tolerances of reference/conformance.py
 BASE = Params(window=4, kernel=3, select_k=24, tau=0.5, l_min=6, l_obs=4, select_layer=8, filter_layer=5)
 
 
@@ -111,6 +113,7 @@ def run_case(case: Case, engine_factory=None, dtype: str = "float64") -> dict:
     record["kv_positions"] = {last: record["kv_positions"][last]}
     record["logits"] = np.round(np.asarray(record["logits"]), LOGIT_DECIMALS).tolist()
     record.pop("num_layers")
+    record = _significant(record)
     return {
         "case": case.name,
         "model": case.model,
@@ -121,6 +124,17 @@ def run_case(case: Case, engine_factory=None, dtype: str = "float64") -> dict:
         "max_new_tokens": case.max_new_tokens,
         "expected": record,
     }
+
+
+def _significant(obj, digits: int = SIGNIFICANT_DIGITS):
+    """Every float rounded to `digits` significant digits, so last-bit changes do not churn the goldens."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, list):
+        return [_significant(x, digits) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _significant(v, digits) for k, v in obj.items()}
+    return obj
 
 
 def golden_text(record: dict) -> str:

@@ -38,8 +38,9 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    """x * sigmoid(x), with sigmoid written through tanh so it never overflows."""
-    return x * (0.5 * (1.0 + np.tanh(0.5 * x)))
+    """x * sigmoid(x) = x / (1 + e^-x); for x < -88 (float32) e^-x overflows to inf and gives the right -0."""
+    with np.errstate(over="ignore", under="ignore"):
+        return x / (1.0 + np.exp(-x))
 
 
 def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
