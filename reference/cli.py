@@ -309,3 +309,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("asl: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("asl: error: out of host memory; use a shorter prompt or a smaller model", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if type(e).__name__ == "OutOfMemoryError":  # CuPy's, without importing CuPy here
+            print(f"asl: error: the GPU ran out of memory ({e}); use a shorter prompt, a --kv-budget, "
+                  "or a device with more memory", file=sys.stderr)
+            return 2
+        raise

@@ -111,3 +111,30 @@ def test_backend_cupy_without_cupy_names_the_fix():
 def test_backend_with_float64_is_refused():
     assert_clean_error(run_asl("generate", "--model", "tiny-llama", "--prompt", "hi", "--backend", "numpy",
                                "--dtype", "float64"), "computes in float32")
+
+
+def test_device_out_of_memory_is_one_clear_line(monkeypatch, capsys):
+    """CuPy's OutOfMemoryError (matched by name, so CuPy need not be installed) becomes a one-line error."""
+    import reference.generate
+
+    class OutOfMemoryError(Exception):
+        pass
+
+    def exhausted(*args, **kwargs):
+        raise OutOfMemoryError("out of memory allocating 8,589,934,592 bytes")
+
+    monkeypatch.setattr(reference.generate, "run_prefill", exhausted)
+    code = main(["run", "--model", "tiny-llama", "--prompt", "hello", *SMALL, "--backend", "numpy"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("asl: error: the GPU ran out of memory") and "--kv-budget" in err
+
+
+def test_unsupported_weight_dtype_is_refused():
+    import numpy as np
+
+    from gpu.loader import load_device_weights
+    from reference.errors import OracleError
+    from tests.conftest import CHECKPOINTS
+
+    with pytest.raises(OracleError, match="weight dtype must be one of float16, float32"):
+        load_device_weights(CHECKPOINTS / "tiny-llama", np, "bfloat16", progress=False)
