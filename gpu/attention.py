@@ -23,14 +23,14 @@ def flash_group_attention(xp, q, k, v, q_pos: np.ndarray, k_pos: np.ndarray, blo
 
 def flash_attention(
     xp,
-    q: "xp.ndarray",  # (B, G, T, hd) float32: B KV heads, G query heads each
-    k: "xp.ndarray",  # (B, S, hd) cache dtype; all B heads hold the same positions
-    v: "xp.ndarray",  # (B, S, hd)
+    q,  # (B, G, T, hd) float32 xp array: B KV heads, G query heads each
+    k,  # (B, S, hd) cache dtype; all B heads hold the same positions
+    v,  # (B, S, hd)
     q_pos: np.ndarray,  # (T,) ascending, host
     k_pos: np.ndarray,  # (S,) ascending, host
     block_q: int,
     block_k: int,
-) -> "xp.ndarray":
+):
     """Causal-by-position attention of every KV head's query group at once; returns (B, G, T, hd)."""
     B, G, T, hd = q.shape
     f32 = np.float32

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import unicodedata
 import zipfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf

@@ -13,7 +13,6 @@ in docs/semantics.md; if you change one there, change it here.
 from __future__ import annotations
 
 import math
-import re
 from fractions import Fraction
 
 import numpy as np
