@@ -151,7 +151,7 @@ def golden_text(record: dict) -> str:
                 lines += [f"{indent} {one(e)}," for e in value]
                 lines[-1] = lines[-1].rstrip(",")
                 lines.append(f"{indent}]")
-            elif isinstance(value, dict) and key in ("expected", "ranks", "scores", "kv_positions"):
+            elif isinstance(value, dict) and key in ("expected", "ranks", "scores", "first_pass_scores", "kv_positions"):
                 lines.append(f'{indent}"{key}": {{')
                 lines += block(value, indent + " ")
                 lines.append(f"{indent}}}")

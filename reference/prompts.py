@@ -60,7 +60,7 @@ def kv_needles_prompt(
     intro = "Some special magic numbers are hidden inside the following text. Memorize them.\n\n"
     fixed = len(tok.encode(intro + "".join(needles) + "\n\n" + question, add_special_tokens=False))
     per_filler = len(tok.encode(FILLER * 10, add_special_tokens=False)) / 10
-    n_filler = max(n_needles, round((n_tokens - fixed - 40) / per_filler))
+    n_filler = max(n_needles + 1, round((n_tokens - fixed - 40) / per_filler))  # room for n_needles distinct slots
     slots = np.sort(rng.choice(np.arange(1, n_filler), size=n_needles, replace=False))  # filler index before each needle
     parts, last = [intro], 0
     for slot, needle in zip(slots, needles):
