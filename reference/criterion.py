@@ -56,3 +56,49 @@ def relative_ratio(v: RankVariance, v0: RankVariance) -> Fraction | float:
 def fires(ratio: Fraction | float, tau: float) -> bool:
     """ratio < τ, strictly, compared exactly (τ as the exact value of its float)."""
     return ratio != math.inf and ratio < Fraction(tau)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the criterion saw at one layer ℓ ≥ L_min."""
+
+    variance: RankVariance
+    ratio: Fraction | float  # exact v_ℓ / V0 (or inf)
+    fires: bool
+
+
+class Criterion:
+    """ASL's decision, fed one scored layer's ranks at a time, from layer L_min - L_obs + 1 on."""
+
+    def __init__(self, tau: float, l_min: int, l_obs: int, k_prime: int):
+        self.tau, self.l_min, self.l_obs, self.k_prime = tau, l_min, l_obs, k_prime
+        self.history: list[np.ndarray] = []
+        self.v0: RankVariance | None = None
+
+    def observe(self, layer: int, rank: np.ndarray) -> Observation | None:
+        """Record layer ℓ's ranks; from L_min on, return v_ℓ, ratio_ℓ and whether ratio_ℓ < τ."""
+        self.history.append(rank)
+        if layer < self.l_min:
+            return None
+        var = rank_variance(self.history[-self.l_obs :], self.k_prime)
+        if layer == self.l_min:
+            self.v0 = var
+        ratio = relative_ratio(var, self.v0)
+        return Observation(var, ratio, fires(ratio, self.tau))
+
+
+def replay(ranks_by_layer, tau: float, l_min: int, l_obs: int, k_prime: int, stop_at_fire: bool = True):
+    """ASL's decision from stored ranks (list indexed by layer, layers from L_min - L_obs + 1 filled):
+    (ℓ* or None, {layer: exact ratio}). With stop_at_fire=False the ratios go on past ℓ*."""
+    criterion = Criterion(tau, l_min, l_obs, k_prime)
+    selected, ratios = None, {}
+    for layer in range(l_min - l_obs + 1, len(ranks_by_layer)):
+        seen = criterion.observe(layer, ranks_by_layer[layer])
+        if seen is None:
+            continue
+        ratios[layer] = seen.ratio
+        if selected is None and seen.fires:
+            selected = layer
+            if stop_at_fire:
+                break
+    return selected, ratios

@@ -23,7 +23,7 @@ import numpy as np
 
 from reference.checkpoint import Weights
 from reference.config import Config
-from reference.criterion import fires, rank_variance, relative_ratio
+from reference.criterion import Criterion
 from reference.engine import ReferenceEngine
 from reference.params import GEMFILTER_KERNEL, Params, check_params
 from reference.scoring import group_scores, token_scores
@@ -134,8 +134,9 @@ def one_pass(engine, ids: np.ndarray, p: Params, selector: str | None, stop_at_s
     k_prime = select_k_prime(p.select_k, N, w)
     first_scored = {"fastkv": p.select_layer, "asl": p.l_min - p.l_obs + 1}.get(selector, cfg.num_hidden_layers)
     x = engine.embed(ids)  # (N, D)
-    records, caches, history = [], [], []
-    v0 = select_layer = kept = None
+    records, caches = [], []
+    criterion = Criterion(p.tau, p.l_min, p.l_obs, k_prime) if selector == "asl" else None
+    select_layer = kept = None
     for layer in range(cfg.num_hidden_layers):
         n = len(positions)
         x, cache, q = engine.layer(layer, x, positions, q_rows=min(w, n))  # q (H, w, hd): the window's queries
@@ -145,16 +146,13 @@ def one_pass(engine, ids: np.ndarray, p: Params, selector: str | None, stop_at_s
             p_heads = engine.head_scores(q, cache, p.kernel, p.pooling)  # (H, n-w), on the host
             score = token_scores(p_heads)  # (n-w,)
             rank = ranks(score)  # (n-w,)
-            history.append(rank)
             record.scores, record.ranks, record.boundary_gap = score, rank, boundary_gap(score, k_prime)
             decide = layer == p.select_layer if selector == "fastkv" else False
-            if selector == "asl" and layer >= p.l_min:
-                var = rank_variance(history[-p.l_obs :], k_prime)
-                v0 = var if layer == p.l_min else v0
-                ratio = relative_ratio(var, v0)
-                record.union_size, record.v = var.union_size, var.v
-                record.ratio, record.margin = float(ratio), float(ratio) - p.tau
-                decide = fires(ratio, p.tau)
+            seen = criterion.observe(layer, rank) if criterion is not None else None
+            if seen is not None:  # ASL at ℓ ≥ L_min
+                record.union_size, record.v = seen.variance.union_size, seen.variance.v
+                record.ratio, record.margin = float(seen.ratio), float(seen.ratio) - p.tau
+                decide = seen.fires
             if decide:
                 select_layer = layer
                 kept = kept_with_window(top_from_ranks(rank, k_prime), n, w)  # (min(k, N),)

@@ -178,3 +178,23 @@ def test_one_shot_decoding_continues_at_n(case, method):
     logits, cache = decode_step(w, gen.prefill.cache, gen.generated_ids[0], gen.prefill.next_position)
     assert all(head.pos[-1] == len(ids) for layer in cache for head in layer)
     assert gen.generated_ids[1] == int(np.argmax(logits))
+
+
+@SETTINGS
+@given(cases())
+def test_replaying_the_criterion_from_stored_ranks_selects_the_same_layer(case):
+    """criterion.replay over one score-every-layer run decides as run_prefill does for any τ, L_min, L_obs."""
+    from reference.criterion import replay
+    from reference.selection import select_k_prime
+
+    model, ids, p = case
+    assume(len(ids) > p.window)
+    w = random_model(**model)
+    L = w.config.num_hidden_layers
+    every = run_prefill(w, ids, "asl", Params(**(p.to_dict() | {"l_min": L - 1, "l_obs": L, "tau": 1e-300})))
+    ranks = [rec.ranks for rec in every.layers]
+    assert all(r is not None for r in ranks)
+    layer, ratios = replay(ranks, p.tau, p.l_min, p.l_obs, select_k_prime(p.select_k, len(ids), p.window))
+    run = run_prefill(w, ids, "asl", p)
+    assert layer == run.select_layer
+    assert all(float(ratios[rec.layer]) == rec.ratio for rec in run.layers if rec.ratio is not None)
