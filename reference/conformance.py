@@ -178,8 +178,13 @@ def _check_layers(exp: dict, got: dict, tol: Tolerance) -> list[Finding]:
             if pa != pb:
                 gap = gaps[g]
                 verdict = NEAR if gap is not None and gap <= tol.score * scale else FAIL
+                first = next(i for i, (x, y) in enumerate(zip(pa + [None], pb + [None])) if x != y)
+                why = "no SnapKV decision at this layer, so no near-tie" if gap is None else f"SnapKV boundary gap {gap:.3g}"
                 findings.append(Finding(verdict, f"kv_positions[{layer}][{g}]",
-                                        f"cached positions differ (SnapKV boundary gap {gap})", int(layer), None, gap))
+                                        f"cached positions differ from entry {first} (expected "
+                                        f"{pa[first] if first < len(pa) else None}, got "
+                                        f"{pb[first] if first < len(pb) else None}; {why})", int(layer),
+                                        pa[first] if first < len(pa) else None, gap))
     return findings
 
 

@@ -424,3 +424,11 @@ def load_trace(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     except _Invalid as e:
         raise OracleError(f"{npz} (arrays of {path.name}): {e}") from None
     return doc, arrays
+
+
+def validate_trace(trace: dict, arrays: dict[str, np.ndarray] | None = None, source: str = "trace") -> None:
+    """Check an in-memory trace (and its arrays) as load_trace checks a file; OracleError names the field."""
+    try:
+        _validate(trace, arrays)
+    except _Invalid as e:
+        raise OracleError(f"{source}: {e}") from None

@@ -1,0 +1,183 @@
+"""Golden bundles for other implementations, and the checker that compares their traces with them.
+
+A bundle is a directory readable from any language:
+
+    manifest.json               {"bundle_version", "cases": [names], "model": {...}, "tolerance_policy"}
+    CASE.inputs.json            the inputs: model (name, sha256), prompt_ids, method, params, max_new_tokens
+    CASE.trace.json (+ .npz)    the expected trace (docs/trace.md; its JSON Schema is reference/trace_schema.json)
+
+A candidate is a directory holding CASE.trace.json (+ .npz) for each case,
+named as the bundle names them. `check` judges each case with the tolerance
+policy of reference/conformance.py (docs/conformance.md).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reference.errors import OracleError
+from reference.params import Params
+
+BUNDLE_VERSION = 1
+SMOLLM2_PARAMS = dict(window=32, kernel=7, select_k=256, tau=0.3, l_min=10, l_obs=8, select_layer=15, filter_layer=13)
+
+
+def default_cases(model: str):
+    """The default case matrix for a model: every method, SPEC's edge cases, a few prompt lengths."""
+    from reference.goldens import Case, default_cases as tiny_cases
+
+    if model in ("tiny-llama", "tiny-qwen2"):
+        return [c for c in tiny_cases() if c.model == model]
+    p = SMOLLM2_PARAMS
+    cases = [Case(f"{m}-{n}", model, m, n, dict(p), seed=0, max_new_tokens=8)
+             for n in (300, 1000) for m in ("full", "fastkv", "gemfilter", "asl", "asl-2pass")]
+    cases += [
+        Case("snapkv-1000", model, "snapkv", 1000, dict(p, kv_budget=256), max_new_tokens=8),
+        Case("asl-snapkv-1000", model, "asl", 1000, dict(p, kv_budget=256), max_new_tokens=8),
+        Case("edge-n-le-w", model, "asl", 20, dict(p), max_new_tokens=4),
+        Case("edge-n-le-k", model, "asl", 200, dict(p), max_new_tokens=4),
+        Case("edge-tau-above-1", model, "asl", 300, dict(p, tau=1.5), max_new_tokens=4),
+        Case("edge-never-fires", model, "asl", 300, dict(p, tau=1e-9), max_new_tokens=4),
+    ]
+    return cases
+
+
+def read_cases(path: Path, model: str):
+    """Cases from a JSON file: [{"name", "method", "n_tokens", "params": {...}, "seed", "max_new_tokens"}, ...]."""
+    from reference.goldens import Case
+
+    try:
+        raw = json.loads(Path(path).read_text())
+        return [Case(c["name"], model, c["method"], int(c["n_tokens"]), dict(c.get("params", {})),
+                     int(c.get("seed", 0)), int(c.get("max_new_tokens", 8))) for c in raw]
+    except FileNotFoundError:
+        raise OracleError(f"--cases: {path} not found") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise OracleError(f"--cases: {path} must be a JSON list of cases with name, method, n_tokens ({e!r})") from None
+
+
+def write_bundle(model: str, cases, out: Path, dtype: str = "float64", progress: bool = True) -> Path:
+    """Run every case on the reference and write the bundle into `out`."""
+    from tqdm import tqdm
+
+    from reference.checkpoint import load_weights
+    from reference.fetch import resolve_model
+    from reference.generate import eos_token_ids, generate
+    from reference.trace import make_trace, model_sha256, save_trace
+
+    model_dir = resolve_model(model)
+    weights = load_weights(model_dir, dtype)
+    sha = model_sha256(model_dir)
+    eos = eos_token_ids(model_dir, weights.config)
+    out.mkdir(parents=True, exist_ok=True)
+    for case in tqdm(cases, desc="golden bundle", unit="case", disable=not progress, file=sys.stderr):
+        params = case.full_params() if case.model.startswith("tiny-") else Params(**case.params)
+        ids = prompt_for(case, model_dir)
+        gen = generate(weights, ids, case.max_new_tokens, eos, method=case.method, params=params)
+        trace, arrays = make_trace(gen, model_name=model, model_sha256=sha, config=weights.config, dtype=dtype)
+        save_trace(trace, arrays, out / f"{case.name}.trace.json", with_arrays=True)
+        inputs = {"case": case.name, "model": {"name": model, "sha256": sha}, "prompt_ids": [int(i) for i in ids],
+                  "method": case.method, "params": params.to_dict(), "max_new_tokens": case.max_new_tokens,
+                  "eos_token_ids": list(eos), "dtype": dtype}
+        (out / f"{case.name}.inputs.json").write_text(json.dumps(inputs, indent=1) + "\n")
+    manifest = {"bundle_version": BUNDLE_VERSION, "cases": [c.name for c in cases],
+                "model": {"name": model, "sha256": sha}, "dtype": dtype,
+                "tolerance_policy": "docs/conformance.md (reference/conformance.py)"}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return out
+
+
+def prompt_for(case, model_dir) -> list[int]:
+    """Tiny models: seeded random ids; real models: the passkey haystack in the chat template."""
+    if case.model.startswith("tiny-"):
+        return case.prompt_ids()
+    from reference.prompts import passkey_prompt
+    from reference.tokenizer import load_tokenizer
+
+    return passkey_prompt(load_tokenizer(model_dir), case.n_tokens, seed=case.seed).ids
+
+
+def read_manifest(bundle: Path) -> dict:
+    path = Path(bundle) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise OracleError(f"{bundle}: no manifest.json; is this a bundle written by `asl golden`?") from None
+    except json.JSONDecodeError as e:
+        raise OracleError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("bundle_version") != BUNDLE_VERSION:
+        raise OracleError(f"{path}: bundle_version must be {BUNDLE_VERSION}; rewrite the bundle with this asl-oracle")
+    if not isinstance(manifest.get("cases"), list):
+        raise OracleError(f"{path}: 'cases' must be a list of case names")
+    return manifest
+
+
+def read_inputs(bundle: Path, case: str) -> dict:
+    return json.loads((Path(bundle) / f"{case}.inputs.json").read_text())
+
+
+# ---------------------------------------------------------------- checking
+
+
+@dataclass
+class CaseResult:
+    case: str
+    verdict: str  # PASS, PASS-within-tolerance, FAIL, or ERROR (missing or malformed candidate)
+    findings: list = field(default_factory=list)
+    error: str | None = None
+
+    def line(self) -> str:
+        if self.error:
+            return f"{self.case:<34} ERROR  {self.error}"
+        if not self.findings:
+            return f"{self.case:<34} {self.verdict}"
+        f = self.findings[0] if self.verdict != "FAIL" else next(x for x in self.findings if x.verdict == "FAIL")
+        where = ", ".join(x for x in (f"layer {f.layer}" if f.layer is not None else "",
+                                      f"position {f.position}" if f.position is not None else "") if x)
+        margin = "" if f.margin is None else f" (margin {f.margin:.3g})"
+        return f"{self.case:<34} {self.verdict}  {f.field}{' at ' + where if where else ''}: {f.message}{margin}"
+
+    def to_dict(self) -> dict:
+        return {"case": self.case, "verdict": self.verdict, "error": self.error,
+                "findings": [vars(f) for f in self.findings]}
+
+
+def check_trace(expected_path: Path, candidate, dtype: str | None = None) -> CaseResult:
+    """Judge one candidate (a trace path, or a (trace, arrays) pair) against one expected trace."""
+    from reference.conformance import TOLERANCES, compare, record_from_trace
+    from reference.trace import load_trace
+
+    from reference.trace import validate_trace
+
+    case = expected_path.name.removesuffix(".trace.json")
+    expected, expected_arrays = load_trace(expected_path)
+    try:
+        if isinstance(candidate, (str, Path)):
+            got, got_arrays = load_trace(candidate)
+        else:
+            got, got_arrays = candidate if isinstance(candidate, tuple) else (candidate, {})
+            validate_trace(got, got_arrays or None, f"candidate trace of {case}")
+    except OracleError as e:
+        return CaseResult(case, "ERROR", error=str(e))
+    problems = [k for k in ("prompt_ids", "method") if got.get(k) != expected.get(k)]
+    if problems:
+        return CaseResult(case, "ERROR", error=f"the candidate ran other inputs ({', '.join(problems)} differ)")
+    tol = TOLERANCES[dtype or got["dtype"]]
+    verdict, findings = compare(record_from_trace(expected, expected_arrays), record_from_trace(got, got_arrays), tol)
+    return CaseResult(case, verdict, findings)
+
+
+def check(candidate_dir: Path, bundle: Path, dtype: str | None = None) -> list[CaseResult]:
+    """Every case of the bundle against the candidate directory's trace of the same name."""
+    manifest = read_manifest(bundle)
+    results = []
+    for case in manifest["cases"]:
+        candidate = Path(candidate_dir) / f"{case}.trace.json"
+        if not candidate.is_file():
+            results.append(CaseResult(case, "ERROR", error=f"missing: {candidate} (name it as the bundle does)"))
+            continue
+        results.append(check_trace(Path(bundle) / f"{case}.trace.json", candidate, dtype))
+    return results

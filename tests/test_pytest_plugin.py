@@ -1,0 +1,53 @@
+"""The pytest plugin, used as another project would: a test file, a bundle, one test per case."""
+
+import subprocess
+import sys
+import textwrap
+
+from reference.bundle import default_cases, write_bundle
+
+USER_TEST = '''
+import numpy as np
+import pytest
+
+from reference.checkpoint import load_weights
+from reference.fetch import resolve_model
+from reference.generate import generate
+from reference.params import Params
+from reference.trace import make_trace
+
+WEIGHTS = load_weights(resolve_model("tiny-llama"), "float32")
+
+
+def my_implementation(case, shift=0):
+    """Stands for another project's ASL; shift > 0 plants a bug (the window shifted left by `shift`)."""
+    params = Params(**case["params"])
+    gen = generate(WEIGHTS, case["prompt_ids"], case["max_new_tokens"], tuple(case["eos_token_ids"]),
+                   method=case["method"], params=params)
+    if shift and gen.prefill.kept_positions is not None:
+        gen.prefill.kept_positions = np.sort(np.unique(np.maximum(gen.prefill.kept_positions - shift, 0)))
+    return make_trace(gen, model_name="mine", model_sha256=case["model"]["sha256"], config=WEIGHTS.config,
+                      dtype="float32")
+
+
+@pytest.mark.asl_oracle(bundle=BUNDLE)
+def test_good(asl_case):
+    return my_implementation(asl_case)
+
+
+@pytest.mark.asl_oracle(bundle=BUNDLE)
+def test_buggy(asl_case):
+    return my_implementation(asl_case, shift=1)
+'''
+
+
+def test_plugin_parametrizes_over_the_bundle_and_reports_the_diagnosis(tmp_path):
+    cases = [c for c in default_cases("tiny-llama") if c.name in ("tiny-llama-asl", "tiny-llama-full")]
+    bundle = write_bundle("tiny-llama", cases, tmp_path / "bundle", progress=False)
+    test_file = tmp_path / "test_user.py"
+    test_file.write_text(USER_TEST.replace("BUNDLE", repr(str(bundle))))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    out = done.stdout
+    assert "1 failed, 3 passed" in out, out  # the bug shows only where a selection happens
+    assert "test_buggy[tiny-llama-asl]" in out and "kept_positions" in out, textwrap.shorten(out, 2000)
