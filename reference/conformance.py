@@ -5,6 +5,8 @@ Both sides are *records*: a trace trimmed to what a comparison needs
 every decision, so a difference can be told apart from a floating-point
 near-tie:
 
+0. the candidate's ranks follow SPEC's rule on its own scores (ties: the
+   earlier position first);
 1. selection layer: equal, or the expected run's criterion margin at the
    layer where the two part ways is within `margin` of zero;
 2. kept set (same selection layer): equal, or every token in one set but not
@@ -211,9 +213,34 @@ def _check_logits_and_tokens(exp: dict, got: dict, tol: Tolerance) -> list[Findi
     return findings
 
 
+def _check_rank_rule(got: dict) -> Finding | None:
+    """The candidate's ranks must follow SPEC's rule on its OWN scores: higher score first, equal scores by
+    earlier position. Exact ties (max pooling makes many) are where an unstable sort shows."""
+    from reference.selection import ranks as oracle_ranks
+
+    for key in ("first_pass_scores", "scores"):
+        for layer, scores in (got.get(key) or {}).items():
+            ranks = got["ranks"].get(layer) if key == "scores" else None
+            if ranks is None:
+                continue
+            expected = oracle_ranks(np.asarray(scores))
+            bad = np.flatnonzero(expected != np.asarray(ranks))
+            if bad.size:
+                j = int(bad[0])
+                tied = np.flatnonzero(np.asarray(scores) == scores[j])
+                why = (f"positions {tied[:6].tolist()} have equal scores and the earlier must rank first"
+                       if tied.size > 1 else "ranks do not sort the scores from highest to lowest")
+                return Finding(FAIL, f"ranks[{layer}]", f"position {j}: rank {ranks[j]}, SPEC's rule gives "
+                               f"{int(expected[j])} from the candidate's own scores; {why}", int(layer), j)
+    return None
+
+
 def compare(expected: dict, got: dict, tol: Tolerance) -> tuple[str, list[Finding]]:
     """The verdict and every finding, in the order the rules above are applied."""
     findings: list[Finding] = []
+    f = _check_rank_rule(got)
+    if f is not None:
+        return FAIL, [f]
     f = _check_select_layer(expected, got, tol)
     if f is not None:
         return f.verdict, [f]
