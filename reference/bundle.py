@@ -146,7 +146,8 @@ class CaseResult:
 
 
 def check_trace(expected_path: Path, candidate, dtype: str | None = None) -> CaseResult:
-    """Judge one candidate (a trace path, or a (trace, arrays) pair) against one expected trace."""
+    """Judge one candidate (a trace path, or a (trace, arrays) pair) against one expected trace,
+    with the tolerances of `dtype` (default: the less precise of the two traces' dtypes)."""
     from reference.conformance import TOLERANCES, compare, record_from_trace
     from reference.trace import load_trace
 
@@ -165,7 +166,8 @@ def check_trace(expected_path: Path, candidate, dtype: str | None = None) -> Cas
     problems = [k for k in ("prompt_ids", "method") if got.get(k) != expected.get(k)]
     if problems:
         return CaseResult(case, "ERROR", error=f"the candidate ran other inputs ({', '.join(problems)} differ)")
-    tol = TOLERANCES[dtype or got["dtype"]]
+    looser = max(expected["dtype"], got["dtype"], key=["float64", "float32", "float16"].index)
+    tol = TOLERANCES[dtype or looser]  # the less precise side sets the tolerance
     verdict, findings = compare(record_from_trace(expected, expected_arrays), record_from_trace(got, got_arrays), tol)
     return CaseResult(case, verdict, findings)
 

@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("candidate", help="directory of the candidate's traces, named as the bundle names its cases")
     ck.add_argument("--golden", required=True, help="the bundle directory written by `asl golden`")
     ck.add_argument("--dtype", choices=["float16", "float32", "float64"], default=None,
-                    help="tolerances for this dtype (default: the candidate trace's dtype)")
+                    help="tolerances for this dtype (default: the less precise of the candidate's and the bundle's)")
     ck.add_argument("--json", action="store_true", help="machine-readable results")
     ck.set_defaults(func=cmd_check)
 

@@ -41,14 +41,25 @@ def pool(u: np.ndarray, kernel: int, kind: str = "avg") -> np.ndarray:
 
     avg: the padding counts as zeros and the divisor is always s (also at the
     edges). max: the padding never wins. Output has u's shape.
+
+    The window sums add the s shifted copies of the padded row in order, so
+    every window adds its elements left to right: two windows holding the same
+    values (e.g. the whole row plus different amounts of zero padding) get the
+    same bits, and SPEC's tie rule (earlier position wins) decides between them,
+    not rounding.
     """
-    half = kernel // 2
+    half, n = kernel // 2, u.shape[-1]
     pad_value = 0.0 if kind == "avg" else -np.inf
     padded = np.pad(u, [(0, 0)] * (u.ndim - 1) + [(half, half)], constant_values=pad_value)  # (..., n + 2·half)
-    windows = np.lib.stride_tricks.sliding_window_view(padded, kernel, axis=-1)  # (..., n, s)
     if kind == "avg":
-        return windows.sum(axis=-1) / float(kernel)
-    return windows.max(axis=-1)
+        total = np.zeros_like(u)
+        for t in range(kernel):
+            total += padded[..., t : t + n]
+        return total / float(kernel)
+    best = padded[..., 0:n].copy()
+    for t in range(1, kernel):
+        np.maximum(best, padded[..., t : t + n], out=best)
+    return best
 
 
 def pooled_head_scores(q_window, k, group_size: int, kernel: int, pooling: str) -> np.ndarray:

@@ -576,3 +576,14 @@ def test_pooled_head_scores_chains_steps_1_to_4():
     k = np.array([[[-1.0], [0.0], [1.0], [0.0], [0.0]]])
     np.testing.assert_allclose(prefix_attention(q, k, 1), [[1, 0, 1]], atol=1e-12)
     np.testing.assert_allclose(pooled_head_scores(q, k, 1, 3, "avg"), [[1 / 3, 2 / 3, 1 / 3]], atol=1e-12)
+
+
+def test_windows_holding_the_same_values_pool_to_the_same_bits():
+    """n ≤ s: every window covers the whole row plus zeros, so all scores are mathematically equal; they must be
+    bitwise equal too, so that SPEC's tie rule (earlier wins) decides the ranks, not rounding."""
+    rng = np.random.default_rng(0)
+    for n, s in ((4, 9), (6, 11), (3, 15)):
+        u = rng.random((2, n)) * 1e-3 + rng.random((2, n))
+        p = pool(u, s, "avg")
+        assert all((p[h] == p[h, 0]).all() for h in range(2))
+        np.testing.assert_array_equal(ranks(p[0]), np.arange(1, n + 1))

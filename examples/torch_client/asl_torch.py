@@ -217,7 +217,7 @@ def rank_variance(window_ranks: list[torch.Tensor], k_prime: int) -> tuple[int, 
     U = (R <= k_prime).any(dim=0)
     m = R.shape[0]
     RU = [[int(x) for x in row] for row in R[:, U].T.tolist()]  # per union token: its L_obs ranks
-    numerator = sum(m * sum(r * r for r in rs) - sum(rs) ** 2 for rs in RU)  # Σ_j m² · var_j · m ... exact
+    numerator = sum(m * sum(r * r for r in rs) - sum(rs) ** 2 for rs in RU)  # = m² · |U| · v, an exact integer
     return len(RU), Fraction(numerator, m * m * len(RU))
 
 
@@ -335,7 +335,7 @@ def run_case(model_dir, inputs: dict, dtype: torch.dtype = torch.float64):
     r = Runner(model)
     ids = [int(t) for t in inputs["prompt_ids"]]
     N = len(ids)
-    eos = set(int(t) for t in inputs.get("eos_token_ids", ()))
+    eos = {int(t) for t in inputs.get("eos_token_ids", ())}
     with torch.no_grad():
         logits, caches, records, select_layer, kept, notes = prefill(r, ids, method, p)
         generated, gaps = [], []
