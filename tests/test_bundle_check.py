@@ -58,6 +58,24 @@ def test_a_float32_candidate_passes_every_case(bundle, tmp_path):
     assert all(r.verdict in ("PASS", "PASS-within-tolerance") for r in results), [r.line() for r in results]
 
 
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen2"])
+def test_float32_arithmetic_passes_every_default_case_of_a_float64_bundle(model, tmp_path):
+    full = write_bundle(model, default_cases(model), tmp_path / "bundle", "float64", progress=False)
+    out = tmp_path / "cand"
+    out.mkdir()
+    weights = load_weights(resolve_model(model), "float32")
+    for case in read_manifest(full)["cases"]:
+        inputs = read_inputs(full, case)
+        gen = generate(weights, inputs["prompt_ids"], inputs["max_new_tokens"], tuple(inputs["eos_token_ids"]),
+                       method=inputs["method"], params=Params(**inputs["params"]))
+        trace, arrays = make_trace(gen, model_name=model, model_sha256=inputs["model"]["sha256"], config=weights.config,
+                                   dtype="float32")
+        save_trace(trace, arrays, out / f"{case}.trace.json", with_arrays=True)
+    results = check(out, full)
+    assert len(results) == len(default_cases(model))
+    assert all(r.verdict in ("PASS", "PASS-within-tolerance") for r in results), [r.line() for r in results]
+
+
 def test_cli_check_reports_and_exits(bundle, tmp_path):
     cand = write_candidate(bundle, tmp_path / "cand")
     ok = subprocess.run([sys.executable, "-m", "reference", "check", str(cand), "--golden", str(bundle)],

@@ -121,3 +121,17 @@ def test_client_agrees_with_the_oracle_on_smollm2(client, smollm2_dir, tmp_path)
     assert expected["select_layer"] is not None and len(expected["kept_positions"]) == 256
     assert trace["select_layer"] == expected["select_layer"]
     assert result.verdict in PASSING, result.line()
+
+
+def test_short_prompts_with_wide_pooling_tie_exactly_on_both_sides(client, tmp_path):
+    """n - w ≤ s: every pooling window holds the whole prefix, so the scores are mathematically equal.
+    The client's torch pooling and the reference must both see exact ties and apply SPEC's tie rule;
+    before the reference summed windows in a fixed order, rounding decided these ranks (and V0 = 0 cliffs)."""
+    from reference.goldens import Case
+
+    cases = [Case(f"tiny-qwen2-n{n}-s{s}", "tiny-qwen2", "asl", n, dict(window=32, kernel=s, select_k=64),
+                  max_new_tokens=1) for s in (9, 11) for n in (34, 36, 38)]
+    bundle = write_bundle("tiny-qwen2", cases, tmp_path / "ties", progress=False)
+    for case in cases:
+        _, result = run_and_check(client, bundle, case.name)
+        assert result.verdict in PASSING, result.line()
