@@ -4,7 +4,6 @@ malformed candidates give clear errors."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
