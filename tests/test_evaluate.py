@@ -64,3 +64,28 @@ def test_bad_input_is_a_clear_error(tmp_path, kwargs, fragment):
     with pytest.raises(OracleError, match=fragment):
         run_eval(**call)
     assert not (tmp_path / "out" / RESULTS).exists()  # refused before any work
+
+
+def test_report_table_and_pictures(tmp_path):
+    from reference.report import summarize, write_report
+
+    out = tmp_path / "out"
+    run_eval("tiny-llama", ["passkey", "niah_single"], [300, 400], 2, ["full", "snapkv", "asl"], SMALL, out,
+             max_new_tokens=2, progress=False)
+    path = write_report(out)
+    text = path.read_text()
+    assert "| passkey | asl | 4 |" in text and "| niah_single | full | 4 |" in text
+    for picture in ("report-accuracy-kv.png", "report-select-layer.png", "report-depth-length.png"):
+        assert (out / picture).stat().st_size > 1000
+    rows = read_results(out)
+    table = summarize(rows)
+    snap = [r for r in rows if r["method"] == "snapkv" and r["task"] == "passkey"]
+    assert table[("passkey", "snapkv")]["kv_saving"] == pytest.approx(1 - sum(r["kv_fraction"] for r in snap) / 4)
+    assert table[("passkey", "full")]["time_vs_full"] == pytest.approx(1.0)
+
+
+def test_report_of_an_empty_folder_is_a_clear_error(tmp_path):
+    from reference.report import write_report
+
+    with pytest.raises(OracleError, match="no results.jsonl rows"):
+        write_report(tmp_path)
