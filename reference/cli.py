@@ -360,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--lengths", default="1024", help="comma-separated prompt lengths in the model's tokens")
     ev.add_argument("--samples", type=int, default=3, help="samples per task and length (default 3)")
     ev.add_argument("--methods", default="full,asl", help="comma-separated methods (default full,asl)")
-    ev.add_argument("--max-new-tokens", type=int, default=None, help="cap on each task's published answer limit")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="answer limit for every task, replacing the published limits "
+                         "(which count the original models' tokens)")
     ev.add_argument("--backend", choices=["numpy", "cupy"], default=None, help="run on the port instead of the reference")
     ev.add_argument("--out", required=True, help="results directory")
     _add_method_params(ev, with_method=False)

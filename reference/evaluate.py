@@ -8,7 +8,10 @@ finished (task, length, sample, method) is appended to OUT/results.jsonl and
 flushed at once, so a killed run loses at most the sample in flight, and a
 rerun with the same settings skips what is done. OUT/settings.json pins the
 settings; a rerun with other settings into the same folder is refused rather
-than mixing results.
+than mixing results. `--kv-budget` applies to the snapkv method only, so
+every other method is measured on its own; `--max-new-tokens` replaces the
+tasks' published answer limits (those count the original models' tokens; a
+chat model that restates the question, or one that splits digits, needs more).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from reference.errors import OracleError
@@ -43,6 +47,11 @@ def read_results(out: Path) -> list[dict]:
     if len(good) != len(path.read_text().splitlines()):
         path.write_text("".join(g + "\n" for g in good))
     return rows
+
+
+def method_params(method: str, params: Params) -> Params:
+    """The KV budget B belongs to the snapkv method here, so that every other method is measured alone."""
+    return params if method == "snapkv" else replace(params, kv_budget=None)
 
 
 def _check_settings(out: Path, settings: dict) -> None:
@@ -78,7 +87,7 @@ def run_eval(model: str, tasks: list[str], lengths: list[int], samples: int, met
         raise OracleError(f"{model_dir}: no tokenizer.json; the tasks need the model's tokenizer")
     cfg = weights.config
     for method in methods:
-        check_params(method, params, cfg.num_hidden_layers)
+        check_params(method, method_params(method, params), cfg.num_hidden_layers)
     for length in lengths:
         need = length + max(MAX_ANSWER_TOKENS[t] for t in tasks) + 64
         if need > cfg.max_position_embeddings:
@@ -100,9 +109,10 @@ def run_eval(model: str, tasks: list[str], lengths: list[int], samples: int, met
             if not pending:
                 continue
             sample = make_sample(task, tok, length, seed=i)  # the same prompt for every method
-            limit = sample.max_answer_tokens if max_new_tokens is None else min(max_new_tokens, sample.max_answer_tokens)
+            limit = sample.max_answer_tokens if max_new_tokens is None else max_new_tokens
             for method in pending:
-                gen = generate(weights, sample.ids, limit, eos, method=method, params=params, engine=engine)
+                gen = generate(weights, sample.ids, limit, eos, method=method, params=method_params(method, params),
+                               engine=engine)
                 trace, _ = make_trace(gen, model_name=model, model_sha256="", config=cfg, dtype="float32")
                 prediction = tok.decode(gen.generated_ids)
                 row = {"task": task, "length": length, "sample": i, "seed": sample.seed, "method": method,

@@ -26,6 +26,7 @@ def test_every_task_and_every_method_run_on_a_tiny_checkpoint(tmp_path):
         prompts.setdefault(r["task"], (r["n_tokens"], r["answers"]))
         assert prompts[r["task"]] == (r["n_tokens"], r["answers"])
     assert all(r["kv_fraction"] < 1.0 for r in rows if r["method"] == "snapkv")
+    assert all(r["kv_fraction"] == 1.0 for r in rows if r["method"] == "full")  # B is snapkv's alone
 
 
 def test_a_rerun_skips_what_is_done_and_a_killed_run_loses_only_the_line_in_flight(tmp_path):
