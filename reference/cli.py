@@ -54,7 +54,7 @@ def _prompt_ids(args, tok) -> list[int]:
     return encode_chat(tok, args.prompt) if args.chat else tok.encode(args.prompt)
 
 
-def _load(model: str, dtype: str, backend: str | None = None, weight_dtype: str | None = None):
+def load_model(model: str, dtype: str, backend: str | None = None, weight_dtype: str | None = None):
     """(model_dir, weights, tokenizer, eos ids, engine): the reference, or the port with --backend."""
     from reference.checkpoint import load_weights
     from reference.fetch import resolve_model
@@ -82,7 +82,7 @@ def _load(model: str, dtype: str, backend: str | None = None, weight_dtype: str 
 def cmd_generate(args) -> int:
     from reference.generate import generate
 
-    _, weights, tok, eos, engine = _load(args.model, args.dtype, args.backend, args.weight_dtype)
+    _, weights, tok, eos, engine = load_model(args.model, args.dtype, args.backend, args.weight_dtype)
     ids = _prompt_ids(args, tok)
     result = generate(weights, ids, args.max_new_tokens, eos, engine=engine)
     text = tok.decode(result.generated_ids) if tok is not None else json.dumps(result.generated_ids)
@@ -128,7 +128,7 @@ def cmd_run(args) -> int:
     from reference.params import check_params
     from reference.trace import make_trace, model_sha256, save_trace
 
-    model_dir, weights, tok, eos, engine = _load(args.model, args.dtype, args.backend, args.weight_dtype)
+    model_dir, weights, tok, eos, engine = load_model(args.model, args.dtype, args.backend, args.weight_dtype)
     params = _params(args)
     check_params(args.method, params, weights.config.num_hidden_layers)  # before any long work
     ids = _prompt_ids(args, tok)
@@ -242,7 +242,7 @@ def cmd_demo(args) -> int:
     from reference.trace import make_trace
 
     start = time.perf_counter()
-    _, weights, tok, eos, _ = _load(args.model, "float32")
+    _, weights, tok, eos, _ = load_model(args.model, "float32")
     prompt = passkey_prompt(tok, args.tokens, seed=args.seed)
     params = Params(**DEMO_PARAMS)
     print(f"model: {args.model}   prompt: {len(prompt.ids)} tokens, pass key {prompt.answer} hidden at half depth")

@@ -65,7 +65,6 @@ def record_from_trace(trace: dict, arrays: dict, score_layers=None) -> dict:
     """What a comparison reads: decisions, margins, and the arrays that judge near-ties."""
     scored = [e["layer"] for e in trace["layers"] if e["scored"]]
     shown = scored if score_layers is None else [l for l in scored if l in score_layers]
-    L = len(trace["layers"])
     return {
         "select_layer": trace["select_layer"],
         "kept_positions": trace["kept_positions"],
@@ -88,7 +87,6 @@ def record_from_trace(trace: dict, arrays: dict, score_layers=None) -> dict:
         "kv_positions": {str(l): [np.asarray(arrays[f"kv_positions/{l}/{g}"]).tolist() for g in range(len(e["kv_tokens"]))]
                          for l, e in enumerate(trace["layers"]) if f"kv_positions/{l}/0" in arrays},
         "logits": np.asarray(arrays["logits"], dtype=np.float64).tolist() if "logits" in arrays else None,
-        "num_layers": L,
     }
 
 

@@ -72,7 +72,7 @@ def run_eval(model: str, tasks: list[str], lengths: list[int], samples: int, met
     """Run (or resume) an evaluation into `out`; returns the results file."""
     from tqdm import tqdm
 
-    from reference.cli import _load
+    from reference.cli import load_model
     from reference.generate import generate
     from reference.tasks import MAX_ANSWER_TOKENS, TASKS, make_sample, score
     from reference.trace import make_trace
@@ -82,7 +82,7 @@ def run_eval(model: str, tasks: list[str], lengths: list[int], samples: int, met
         raise OracleError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
     if samples < 1:
         raise OracleError(f"--samples must be ≥ 1, got {samples}")
-    model_dir, weights, tok, eos, engine = _load(model, "float32", backend)
+    model_dir, weights, tok, eos, engine = load_model(model, "float32", backend)
     if tok is None:
         raise OracleError(f"{model_dir}: no tokenizer.json; the tasks need the model's tokenizer")
     cfg = weights.config

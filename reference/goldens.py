@@ -112,7 +112,6 @@ def run_case(case: Case, engine_factory=None, dtype: str = "float64") -> dict:
     last = str(weights.config.num_hidden_layers - 1)
     record["kv_positions"] = {last: record["kv_positions"][last]}
     record["logits"] = np.round(np.asarray(record["logits"]), LOGIT_DECIMALS).tolist()
-    record.pop("num_layers")
     record = _significant(record)
     return {
         "case": case.name,

@@ -72,6 +72,7 @@ def hf_logits(model, ids) -> np.ndarray:
 def assert_logits_agree(ours: np.ndarray, theirs: np.ndarray, dtype: str) -> None:
     assert ours.shape == theirs.shape
     err = float(np.abs(ours - theirs).max())
+    print(f"max abs logit difference {err:.3g} ({dtype})")  # the measured number docs quote: pytest -s
     assert err <= TOLERANCE[dtype], f"max abs logit difference {err:.3g} > {TOLERANCE[dtype]} ({dtype})"
     if dtype == "float32":
         mismatch = np.flatnonzero(ours.argmax(-1) != theirs.argmax(-1))
