@@ -1,11 +1,11 @@
 """Prefill time and peak memory: the reference and the port (NumPy) against transformers (sdpa), SmolLM2, float32.
 
-    python benchmarks/prefill_smollm2.py [--tokens 1024 2048 4096] [--repeats 1] [--impls reference port transformers]
+    python benchmarks/prefill_smollm2.py [--tokens 1024 2048 4096] [--repeats 2] [--impls reference port transformers]
     python benchmarks/prefill_smollm2.py --asl [--tokens 1024 4096]   # the port: ASL vs full, time vs FLOPs saved
 
 Each (implementation, length) runs in its own subprocess, so peak memory
 (ru_maxrss: weights, activations and the KV cache) belongs to that run alone.
-The two implementations run on the same machine in the same invocation and are
+The implementations run on the same machine in the same invocation and are
 reported as ratios. Prints the BLAS, dtype and thread counts used.
 Needs the crosscheck extra (torch, transformers) and `asl fetch smollm2`.
 """
@@ -101,48 +101,77 @@ def prefill_gflop(n_tokens: int) -> float:
     return cfg.num_hidden_layers * layer_flops(cfg, n_tokens) / 1e9
 
 
-def gemm_gflops() -> float:
-    """A plain float32 GEMM of the model's MLP shape (4096 x 576 @ 576 x 1536), best of 5."""
+def gemm_gflops() -> dict[str, float]:
+    """A plain float32 GEMM of the model's MLP shape (4096 x 576 @ 576 x 1536), best of 5: NumPy's BLAS and,
+    when installed, torch's (the port's GEMMs are NumPy's, transformers' are torch's)."""
     import numpy as np
 
     a, b = np.ones((4096, 576), np.float32), np.ones((576, 1536), np.float32)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * 4096 * 576 * 1536 / best / 1e9
+    products = {"numpy": lambda: a @ b}
+    try:
+        import torch
+
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        products["torch"] = lambda: ta @ tb
+    except ImportError:
+        pass
+    rates = {}
+    for name, product in products.items():
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            product()
+            best = min(best, time.perf_counter() - start)
+        rates[name] = 2 * 4096 * 576 * 1536 / best / 1e9
+    return rates
 
 
-def asl_vs_full(tokens: list[int]) -> int:
-    """On the port: does ASL's prefill time saving follow the trace's FLOP estimate?"""
+def asl_vs_full(tokens: list[int], repeats: int) -> int:
+    """On the port: does ASL's prefill time saving follow the trace's FLOP estimate?
+    One engine; full and asl alternate, `repeats` times each, and the best of each is compared."""
+    import numpy as np
+
+    from gpu.engine import PortEngine
+    from gpu.loader import load_device_weights
     from reference.fetch import resolve_model
+    from reference.methods import run_prefill
     from reference.params import Params
     from reference.prompts import passkey_prompt
     from reference.tokenizer import load_tokenizer
 
     model_dir = resolve_model("smollm2")
     params = Params(tau=0.3, l_min=10, l_obs=8, window=32, kernel=7, select_k=256)
+    engine = PortEngine(load_device_weights(model_dir, np, "float32", progress=False)[0], np)
+    print(f"port on NumPy, {engine.threads} threads; {params}; best of {repeats}")
     print(f"{'tokens':>7} {'full s':>8} {'asl s':>8} {'layer':>6} {'time saved':>11} {'FLOPs saved':>12} {'ratio':>6}")
     for n in tokens:
         ids = passkey_prompt(load_tokenizer(model_dir), n, seed=0).ids
-        full_s, full = run_port(model_dir, ids, 1, "full", params)
-        asl_s, asl = run_port(model_dir, ids, 1, "asl", params)
-        flops = [sum(r.flops for r in (res.first_pass or []) + res.layers) for res in (full, asl)]
-        time_saved, flops_saved = 1 - asl_s / full_s, 1 - flops[1] / flops[0]
-        print(f"{len(ids):>7} {full_s:>8.2f} {asl_s:>8.2f} {str(asl.select_layer):>6} {time_saved:>10.1%} "
-              f"{flops_saved:>11.1%} {time_saved / flops_saved if flops_saved else float('nan'):>6.2f}", flush=True)
+        run_prefill(None, ids[:64], "full", engine=engine)  # warm-up
+        best, result = {"full": float("inf"), "asl": float("inf")}, {}
+        for _ in range(repeats):
+            for method in ("full", "asl"):
+                start = time.perf_counter()
+                result[method] = run_prefill(None, ids, method, params, engine=engine)
+                best[method] = min(best[method], time.perf_counter() - start)
+        flops = {m: sum(r.flops for r in (res.first_pass or []) + res.layers) for m, res in result.items()}
+        time_saved, flops_saved = 1 - best["asl"] / best["full"], 1 - flops["asl"] / flops["full"]
+        print(f"{len(ids):>7} {best['full']:>8.2f} {best['asl']:>8.2f} {str(result['asl'].select_layer):>6} "
+              f"{time_saved:>10.1%} {flops_saved:>11.1%} {time_saved / flops_saved if flops_saved else float('nan'):>6.2f}",
+              flush=True)
     return 0
 
 
 def environment() -> str:
     import numpy as np
 
+    from gpu.attention import available_cores
+
     blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
     lines = [
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         f"numpy {np.__version__} with {blas.get('name')} {blas.get('version')}"
         f" (OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')})",
+        f"reference: BLAS threads as BLAS chooses; port: {available_cores()} threads of its own, BLAS held at 1",
     ]
     try:
         import torch
@@ -150,14 +179,15 @@ def environment() -> str:
         lines.append(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     except ImportError:
         lines.append("torch not installed")
-    lines.append("dtype: float32 for both; transformers attention: sdpa")
+    lines.append("dtype: float32 for all; transformers attention: sdpa")
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096])
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per point; the best is reported")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="timed runs per point, the best reported (torch's first run at a new length is slow)")
     parser.add_argument("--impls", nargs="+", default=["reference", "port", "transformers"],
                         choices=["reference", "port", "transformers"], help="implementations to time (transformers is the peer)")
     parser.add_argument("--asl", action="store_true", help="the port's ASL vs full instead (passkey prompt)")
@@ -168,9 +198,9 @@ def main() -> int:
         return 0
     print(environment())
     if args.asl:
-        return asl_vs_full(args.tokens)
+        return asl_vs_full(args.tokens, args.repeats)
     gemm = gemm_gflops()
-    print(f"plain float32 GEMM (4096x576 @ 576x1536): {gemm:.0f} GFLOP/s")
+    print("plain float32 GEMM (4096x576 @ 576x1536): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in gemm.items()))
     impls = [i for i in args.impls if i != "transformers"] + ["transformers"]
     header = " ".join(f"{i + ' s':>15} {'x tf':>6} {'GFLOP/s':>8} {'peak MB':>8}" for i in impls)
     print(f"{'tokens':>7} {header}")

@@ -3,6 +3,6 @@
 The decisions (scores -> ranks -> criterion -> kept sets) are the reference's
 own code in `reference/methods.py`; this package supplies a second engine
 (`gpu.engine.PortEngine`) that does the arithmetic at size: blocked attention
-with an online softmax, MLP in token chunks, float16 weights with float32
+(softmax with a fixed per-row shift), MLP in token chunks, float16 weights with float32
 accumulation, preallocated KV caches. Importing `gpu` never requires CuPy.
 """

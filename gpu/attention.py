@@ -1,24 +1,59 @@
-"""Attention at size: query blocks × key blocks with an online softmax (memory O(G·bq·bk)).
+"""Attention at size: query blocks × key blocks, so no score matrix larger than one block pair is held.
 
 Same contract as `reference.attention.group_attention` (key j is visible to
-query i iff pos_k[j] <= pos_q[i]); written for any array module `xp`. Within
-a query block, key blocks are visited in order while a running row maximum m,
-a running normaliser l and an accumulator carry the softmax across them:
+query i iff pos_k[j] <= pos_q[i]); written for any array module `xp`. The G
+query heads of one KV head are stacked into one (G·bq, hd) operand, so each
+block pair is a single GEMM per KV head. Scores, softmax and accumulation are
+float32 whatever the cache dtype.
+
+The softmax across key blocks. Any shift c gives the same weights,
+softmax(s) = e^(s-c) / Σ e^(s-c); the shift only has to keep e^(s-c) finite.
+So each query row first gets a fixed shift from a bound on its scores
+(`KeyBounds`: zero for most rows of real models), and every key block is then
+just
+
+    l += Σ e^(s-c),   acc += e^(s-c) v
+
+with no pass to find the block's maximum and nothing to rescale. A row whose
+bound was so loose that its largest weight underflowed is redone with the
+running maximum of the classic online softmax (`online_softmax`):
 
     m' = max(m, rowmax(s)),   l' = l·e^(m-m') + Σ e^(s-m'),   acc' = acc·e^(m-m') + e^(s-m') v
 
-so no score matrix larger than one block pair is ever held. Scores, softmax
-and accumulation are float32 whatever the cache dtype.
+Work is cut into units (KV heads, query block) that never share an output
+row. On a GPU one unit covers all KV heads and the units run in order (the
+device is parallel inside each kernel). On NumPy each unit is one KV head,
+and the units run on a pool of CPU threads with BLAS held at one thread
+inside them: NumPy's elementwise passes (exp, sum) are single-threaded, so
+this is what puts every core to work on them. A unit's arithmetic does not
+depend on which thread runs it, so any number of threads above one gives the
+same bits (one thread: BLAS may split its GEMMs, the same values to rounding).
 """
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
+F32 = np.float32
+MIN_THREADED_SCORES = 1 << 20  # below this many scores per call, threads cost more than they save
 
-def flash_group_attention(xp, q, k, v, q_pos: np.ndarray, k_pos: np.ndarray, block_q: int, block_k: int):
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def flash_group_attention(xp, q, k, v, q_pos: np.ndarray, k_pos: np.ndarray, block_q: int, block_k: int,
+                          threads: int = 1):
     """One KV group: q (G, T, hd) float32; k, v (S, hd) -> (G, T, hd)."""
-    return flash_attention(xp, q[None], k[None], v[None], q_pos, k_pos, block_q, block_k)[0]
+    return flash_attention(xp, q[None], k[None], v[None], q_pos, k_pos, block_q, block_k, threads)[0]
 
 
 def flash_attention(
@@ -30,38 +65,156 @@ def flash_attention(
     k_pos: np.ndarray,  # (S,) ascending, host
     block_q: int,
     block_k: int,
+    threads: int = 1,  # NumPy only: CPU threads for the units (1: run them in order)
 ):
     """Causal-by-position attention of every KV head's query group at once; returns (B, G, T, hd)."""
     B, G, T, hd = q.shape
-    f32 = np.float32
-    scale = 1.0 / float(np.sqrt(hd))
     visible_end = np.searchsorted(k_pos, q_pos, side="right")  # (T,) on the host: block bounds are Python ints
-    k_pos_dev = xp.asarray(k_pos)
-    q_pos_dev = xp.asarray(q_pos)
-    out = xp.empty((B, G, T, hd), dtype=f32)
-    buffer = xp.empty(B * G * min(block_q, T) * min(block_k, int(visible_end[-1])), dtype=f32)  # one block pair
-    for a in range(0, T, block_q):
-        b = min(a + block_q, T)
-        first, last = int(visible_end[a]), int(visible_end[b - 1])
-        qb = q[:, :, a:b] * f32(scale)  # (B, G, bq, hd)
-        m = xp.full((B, G, b - a, 1), -np.inf, dtype=f32)  # running row maximum
-        l = xp.zeros((B, G, b - a, 1), dtype=f32)  # running normaliser
-        acc = xp.zeros((B, G, b - a, hd), dtype=f32)  # running weighted sum of values
-        for c in range(0, last, block_k):
-            d = min(c + block_k, last)
-            s = buffer[: B * G * (b - a) * (d - c)].reshape(B, G, b - a, d - c)  # (B, G, bq, bk)
-            xp.matmul(qb, k[:, None, c:d].astype(f32, copy=False).swapaxes(-1, -2), out=s)
-            if d > first:  # keys past the block's first query may be hidden from some rows
-                hidden = k_pos_dev[None, max(c, first):d] > q_pos_dev[a:b, None]  # (bq, d - max(c, first))
-                xp.copyto(s[..., max(c, first) - c:], f32(-np.inf), where=hidden)
-            m_new = xp.maximum(m, s.max(axis=-1, keepdims=True))
-            s -= m_new
-            xp.exp(s, out=s)  # the block's unnormalised weights
-            rescale = xp.exp(m - m_new)
-            l *= rescale
-            l += s.sum(axis=-1, keepdims=True)
-            acc *= rescale
-            acc += s @ v[:, None, c:d].astype(f32, copy=False)
-            m = m_new
-        out[:, :, a:b] = acc / l
+    out = xp.empty((B, G, T, hd), dtype=F32)
+    per_head = xp is np  # CPU: one KV head per unit, so that units can go to threads
+    heads = [slice(b, b + 1) for b in range(B)] if per_head else [slice(0, B)]
+    blocks = [(a, min(a + block_q, T)) for a in range(0, T, block_q)]
+    units = [(h, a, b) for a, b in reversed(blocks) for h in heads]  # largest first: later queries see more keys
+    scratch = threading.local()  # one score buffer per thread, reused by its units
+    bounds = KeyBounds(xp, k, v)
+
+    def run(unit):
+        h, a, b = unit
+        if getattr(scratch, "buffer", None) is None:
+            n_heads = h.stop - h.start
+            scratch.buffer = xp.empty(n_heads * G * min(block_q, T) * min(block_k, int(visible_end[-1])), dtype=F32)
+        out[h, :, a:b] = query_block(xp, q[h, :, a:b], k[h], v[h], q_pos[a:b], k_pos, visible_end[a:b], block_k,
+                                     scratch.buffer, bounds.heads(h))
+
+    threads = min(threads, len(units)) if per_head and B * G * T * int(visible_end[-1]) >= MIN_THREADED_SCORES else 1
+    if threads <= 1:
+        for unit in units:
+            run(unit)
+    else:
+        with blas_threads(1):
+            list(thread_pool(threads).map(run, units))  # list(): re-raises a unit's exception here
     return out
+
+
+def query_block(xp, q, k, v, q_pos: np.ndarray, k_pos: np.ndarray, visible_end: np.ndarray, block_k: int, buffer,
+                bounds: "KeyBounds"):
+    """q (B, G, n, hd) float32 of queries at q_pos; k, v (B, S, hd) -> (B, G, n, hd).
+
+    First with one fixed shift per row (`KeyBounds.shift`): every key block is then just
+    l += Σ e^(s - shift), acc += e^(s - shift) v, with no running maximum, no rescaling and
+    no pass to find a block's maximum. The shift only guards against overflow, so a row whose
+    largest weight underflowed (l too small to carry float32 precision) is done again with the
+    running maximum (`online_softmax`); rows whose bound is small need no shift at all.
+    """
+    B, G, n, hd = q.shape
+    qb = (q * F32(1.0 / float(np.sqrt(hd)))).reshape(B, G * n, hd)  # the G heads stacked: one GEMM per KV head
+    shift = bounds.shift(xp, qb)  # (B, G·n, 1), or None when no row needs one
+    l = xp.zeros((B, G * n, 1), dtype=F32)  # Σ e^(s - shift)
+    acc = xp.zeros((B, G * n, hd), dtype=F32)  # Σ e^(s - shift) v
+    for c, d, s in key_blocks(xp, qb, k, q_pos, k_pos, visible_end, block_k, buffer):
+        if shift is not None:
+            s -= shift
+        xp.exp(s, out=s)
+        l += s.sum(axis=-1, keepdims=True)
+        acc += s @ v[:, c:d].astype(F32, copy=False)
+    if bool((l >= bounds.least_sum).all()):
+        return (acc / l).reshape(B, G, n, hd)
+    return online_softmax(xp, qb, k, v, q_pos, k_pos, visible_end, block_k, buffer).reshape(B, G, n, hd)
+
+
+def online_softmax(xp, qb, k, v, q_pos, k_pos, visible_end, block_k, buffer):
+    """qb (B, R, hd) scaled queries -> (B, R, hd), with a running row maximum (the module docstring's update)."""
+    B, R, hd = qb.shape
+    m = xp.full((B, R, 1), -np.inf, dtype=F32)  # running row maximum
+    l = xp.zeros((B, R, 1), dtype=F32)  # running normaliser
+    acc = xp.zeros((B, R, hd), dtype=F32)  # running weighted sum of values
+    for c, d, s in key_blocks(xp, qb, k, q_pos, k_pos, visible_end, block_k, buffer):
+        m_new = xp.maximum(m, s.max(axis=-1, keepdims=True))
+        s -= m_new
+        xp.exp(s, out=s)  # the block's unnormalised weights
+        rescale = xp.exp(m - m_new)
+        l *= rescale
+        l += s.sum(axis=-1, keepdims=True)
+        acc *= rescale
+        acc += s @ v[:, c:d].astype(F32, copy=False)
+        m = m_new
+    return acc / l
+
+
+def key_blocks(xp, qb, k, q_pos, k_pos, visible_end, block_k, buffer):
+    """Yields (c, d, s): keys c..d-1 and their scores s (B, R, d - c) = qb · k^T, -inf where hidden.
+    Rows of qb are G heads × n queries (head-major); s lives in `buffer`, reused by the next block."""
+    B, R, _ = qb.shape
+    n = len(q_pos)
+    first, last = int(visible_end[0]), int(visible_end[-1])  # keys < first are visible to every row; >= last to none
+    for c in range(0, last, block_k):
+        d = min(c + block_k, last)
+        s = buffer[: B * R * (d - c)].reshape(B, R, d - c)
+        xp.matmul(qb, k[:, c:d].astype(F32, copy=False).swapaxes(-1, -2), out=s)
+        if d > first:  # keys past the block's first query may be hidden from some rows
+            hidden = xp.asarray(k_pos[max(c, first):d][None, :] > q_pos[:, None])  # (n, d - max(c, first))
+            xp.copyto(s.reshape(B, R // n, n, d - c)[..., max(c, first) - c:], F32(-np.inf), where=hidden)
+        yield c, d, s
+
+
+class KeyBounds:
+    """What the fixed shift needs to know of the keys and values of one call.
+
+    For a query row q (already scaled by 1/sqrt(hd)) every score q·k_j is at most
+    bound = min(|q|·max_j |k_j|, Σ_d max(q_d·max_j k_jd, q_d·min_j k_jd)) (Cauchy-Schwarz and
+    the per-dimension box). With shift = max(0, bound - E), every e^(s - shift) <= e^E, and E is
+    chosen so that neither Σ_j e^(s - shift) nor Σ_j e^(s - shift)·|v_j| can overflow float32
+    for S keys: E = ln(FLT_MAX) - ln S - ln max(1, max|v|) - 1.
+    """
+
+    def __init__(self, xp, k, v):  # k, v (B, S, hd)
+        B, S, hd = k.shape
+        if S == 0:  # no visible key: nothing to bound (the rows come out 0/0, as in the reference)
+            k = xp.zeros((B, 1, hd), dtype=F32)
+        k32 = k.astype(F32, copy=False)
+        self.k_max, self.k_min = k32.max(axis=1)[:, None, :], k32.min(axis=1)[:, None, :]  # (B, 1, hd)
+        self.k_norm = xp.sqrt(xp.einsum("bsd,bsd->bs", k32, k32)).max(axis=1)[:, None, None]  # (B, 1, 1)
+        S = max(S, 1)
+        v_abs = max(1.0, float(xp.abs(v).max())) if v.size else 1.0
+        self.exponent = float(np.log(np.finfo(F32).max)) - float(np.log(S)) - float(np.log(v_abs)) - 1.0
+        # below this sum the largest weight may have lost precision to underflow (S terms of < 2^-149 each)
+        self.least_sum = F32(S * 2.0**-119)
+
+    def heads(self, h: slice) -> "KeyBounds":
+        part = object.__new__(KeyBounds)
+        part.k_max, part.k_min, part.k_norm = self.k_max[h], self.k_min[h], self.k_norm[h]
+        part.exponent, part.least_sum = self.exponent, self.least_sum
+        return part
+
+    def shift(self, xp, qb):
+        """(B, R, 1) float32 shifts for the rows of qb (B, R, hd), or None when every one is 0."""
+        box = xp.maximum(qb * self.k_max, qb * self.k_min).sum(axis=-1, keepdims=True)
+        norm = xp.sqrt((qb * qb).sum(axis=-1, keepdims=True)) * self.k_norm
+        excess = xp.minimum(box, norm) - F32(self.exponent)
+        if not bool((excess > 0).any()):
+            return None
+        return xp.maximum(excess, F32(0)).astype(F32)
+
+
+# ---------------------------------------------------------------- CPU threads
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_controller = None
+
+
+def thread_pool(threads: int) -> ThreadPoolExecutor:
+    """One long-lived pool per thread count (decoding calls attention once per layer and token)."""
+    if threads not in _pools:
+        _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="asl-port")
+    return _pools[threads]
+
+
+def blas_threads(limit: int):
+    """Context manager holding BLAS at `limit` threads (threadpoolctl), so that units on
+    separate threads do not each start a full set of BLAS threads and fight over cores."""
+    global _controller
+    if _controller is None:
+        from threadpoolctl import ThreadpoolController
+
+        _controller = ThreadpoolController()
+    return _controller.limit(limits=limit, user_api="blas")

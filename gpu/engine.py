@@ -7,7 +7,9 @@ reference are in how, never in what:
 
 - weights in float16 on a GPU (float32 on NumPy by default), activations,
   softmax and accumulation in float32;
-- attention in query × key blocks with an online softmax (`gpu/attention.py`);
+- attention in query × key blocks with a fixed softmax shift per row (`gpu/attention.py`);
+- on NumPy, its own CPU threads: token-wise work in row slices, attention in
+  units, with BLAS held at one thread in every engine call;
 - the MLP in token chunks;
 - KV caches preallocated per layer, each KV head with its own length, grown
   by doubling when decoding runs past the reserve;
@@ -17,17 +19,35 @@ Scores and logits come back to the host as float32 NumPy arrays.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
-from gpu.attention import flash_attention, flash_group_attention
+from gpu.attention import available_cores, blas_threads, flash_attention, flash_group_attention, thread_pool
 from gpu.backend import is_cupy, to_host
 from reference.checkpoint import Weights
 from reference.model import rms_norm, silu
 from reference.rope import apply_rope, rope_tables
 
 F32 = np.float32
+MIN_ROWS_PER_THREAD = 64  # fewer rows than this per thread: run token-wise work in one piece
+
+
+def blas_single_threaded(method):
+    """An engine entry point that, on NumPy with several threads, runs with BLAS held at one thread.
+    The engine spreads its work over the cores itself (`PortEngine.by_rows`, the attention units);
+    BLAS threads started by a call in between keep spinning after it and take cores from the
+    engine's threads (measured: ASL's scoring made the next layers ~50% slower)."""
+
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        if self.threads <= 1:
+            return method(self, *args, **kwargs)
+        with blas_threads(1):
+            return method(self, *args, **kwargs)
+
+    return wrapped
 
 
 @dataclass
@@ -46,11 +66,13 @@ class PortLayerCache:
 
 class PortEngine:
     def __init__(self, weights: Weights, xp, *, block_q: int | None = None, block_k: int | None = None,
-                 mlp_chunk: int = 4096, decode_reserve: int = 256):
+                 mlp_chunk: int = 4096, decode_reserve: int = 256, threads: int | None = None, row_slice: int = 1024):
         self.weights, self.xp, self.config = weights, xp, weights.config
         gpu = is_cupy(xp)
         self.block_q = block_q or (512 if gpu else 128)
         self.block_k = block_k or (4096 if gpu else 8192)
+        self.threads = 1 if gpu else (threads or available_cores())  # CPU threads (NumPy)
+        self.row_slice = row_slice  # rows per slice of token-wise work on those threads
         self.mlp_chunk, self.decode_reserve = mlp_chunk, decode_reserve
         self.cache_dtype = weights.layers[0].wk.dtype
         self.dtype = np.dtype(F32)
@@ -66,34 +88,49 @@ class PortEngine:
     def rms_norm(self, x, weight):
         return rms_norm(x, weight, self.config.rms_norm_eps)  # the reference's, on xp arrays (float32 result)
 
-    def rope(self, x, positions: np.ndarray):
-        """x (n_heads, T, hd) rotated at `positions`: the reference's tables and rotation, on the device.
-        The tables are kept for the next call with the same positions (every layer of a pass)."""
+    def rope_tables(self, positions: np.ndarray):
+        """cos, sin (T, hd) for `positions`, on the device: the reference's tables, kept for the next
+        call with the same positions (every layer of a pass, every layer of a decoding step)."""
         if self._rope_positions is None or not np.array_equal(self._rope_positions, positions):
-            cos, sin = rope_tables(self.config, positions, F32)  # (T, hd) each, host
+            cos, sin = rope_tables(self.config, positions, F32)  # host
             self._rope = self.xp.asarray(cos), self.xp.asarray(sin)
             self._rope_positions = np.array(positions, copy=True)
-        return apply_rope(x, *self._rope)
+        return self._rope
 
-    def qkv(self, x, lw, positions):
+    def qkv(self, x, lw, cos, sin):
+        """Projections of x (T, D), q and k rotated by the tables' rows: (H, T, hd), (H_kv, T, hd) ×2."""
         cfg = self.config
         T = x.shape[0]
         h = self.rms_norm(x, lw.attn_norm)
         q = self.linear(h, lw.wq, lw.bq).reshape(T, cfg.num_attention_heads, -1).transpose(1, 0, 2)  # (H, T, hd)
         k = self.linear(h, lw.wk, lw.bk).reshape(T, cfg.num_key_value_heads, -1).transpose(1, 0, 2)  # (H_kv, T, hd)
         v = self.linear(h, lw.wv, lw.bv).reshape(T, cfg.num_key_value_heads, -1).transpose(1, 0, 2)
-        return self.rope(q, positions), self.rope(k, positions), v
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def new_cache(self, k, v, positions: np.ndarray) -> PortLayerCache:
-        xp = self.xp
-        H_kv, n, hd = k.shape
+    def by_rows(self, T: int, work) -> None:
+        """work(rows) for slices of rows covering 0..T: token-wise work (norms, projections, MLP) has
+        no dependence between rows. On NumPy with several cores the slices go to the thread pool
+        with BLAS held at one thread, so elementwise passes use every core too; slices are at most
+        `mlp_chunk` rows in one piece, `row_slice` rows on threads: that bounds the MLP's temporaries
+        (measured: 4096-row slices on two threads took SmolLM2's peak RSS at 8K tokens from 1.15 to 1.75 GB)."""
+        parallel = self.threads > 1 and T >= MIN_ROWS_PER_THREAD * self.threads
+        size = min(self.row_slice, -(-T // self.threads)) if parallel else self.mlp_chunk
+        slices = [slice(a, min(a + size, T)) for a in range(0, T, size)]
+        if not parallel:
+            for rows in slices:
+                work(rows)
+            return
+        with blas_threads(1):
+            list(thread_pool(self.threads).map(work, slices))  # list(): re-raises a slice's exception here
+
+    def new_cache(self, n: int, positions: np.ndarray) -> PortLayerCache:
+        """An empty cache for n tokens at `positions` (filled by the caller), with room to decode."""
+        xp, H_kv, hd = self.xp, self.config.num_key_value_heads, self.config.head_dim
         cap = n + self.decode_reserve
-        kb = xp.empty((H_kv, cap, hd), dtype=self.cache_dtype)
-        vb = xp.empty((H_kv, cap, hd), dtype=self.cache_dtype)
-        kb[:, :n], vb[:, :n] = k, v
         pos = np.zeros((H_kv, cap), dtype=np.int64)
         pos[:, :n] = positions
-        return PortLayerCache(kb, vb, pos, [n] * H_kv)
+        return PortLayerCache(xp.empty((H_kv, cap, hd), dtype=self.cache_dtype),
+                              xp.empty((H_kv, cap, hd), dtype=self.cache_dtype), pos, [n] * H_kv)
 
     def append(self, cache: PortLayerCache, k, v, position: int) -> None:
         xp = self.xp
@@ -121,34 +158,48 @@ class PortEngine:
         if all(m == n for m in cache.lengths) and all(np.array_equal(cache.pos[0, :n], cache.pos[g, :n])
                                                      for g in range(1, H_kv)):
             out = flash_attention(self.xp, q.reshape(H_kv, G, T, hd), cache.k[:, :n], cache.v[:, :n], positions,
-                                  cache.pos[0, :n], self.block_q, self.block_k).reshape(H, T, hd)
+                                  cache.pos[0, :n], self.block_q, self.block_k, self.threads).reshape(H, T, hd)
         else:
             out = self.xp.empty_like(q)
             for g in range(H_kv):
                 k, v, pos = cache.head(g)
                 out[g * G:(g + 1) * G] = flash_group_attention(self.xp, q[g * G:(g + 1) * G], k, v, positions, pos,
-                                                               self.block_q, self.block_k)
+                                                               self.block_q, self.block_k, self.threads)
         return out.transpose(1, 0, 2).reshape(T, -1)
 
-    def mlp_(self, x, lw):
-        """x += mlp(norm(x)), in token chunks."""
-        for a in range(0, x.shape[0], self.mlp_chunk):
-            h = self.rms_norm(x[a:a + self.mlp_chunk], lw.mlp_norm)
-            x[a:a + self.mlp_chunk] += self.linear(silu(self.linear(h, lw.w_gate)) * self.linear(h, lw.w_up), lw.w_down)
-        return x
+    def mlp(self, x, lw):
+        """mlp(norm(x)) for x (T, D)."""
+        h = self.rms_norm(x, lw.mlp_norm)
+        return self.linear(silu(self.linear(h, lw.w_gate)) * self.linear(h, lw.w_up), lw.w_down)
 
     # ------------------------------------------------------------ the engine interface
 
     def embed(self, ids: np.ndarray):
         return self.weights.embed[self.xp.asarray(ids)].astype(F32)  # (N, D)
 
+    @blas_single_threaded
     def layer(self, i: int, x, positions: np.ndarray, q_rows: int):
-        lw = self.weights.layers[i]
-        q, k, v = self.qkv(x, lw, positions)
-        cache = self.new_cache(k, v, positions)
-        x = x + self.linear(self.attend(q, cache, positions), lw.wo, lw.bo)
-        return self.mlp_(x, lw), cache, q[:, -q_rows:]
+        lw, cfg, xp = self.weights.layers[i], self.config, self.xp
+        T = x.shape[0]
+        cos, sin = self.rope_tables(positions)
+        cache = self.new_cache(T, positions)
+        q = xp.empty((cfg.num_attention_heads, T, cfg.head_dim), dtype=F32)
 
+        def project(rows):  # K and V straight into the cache
+            q[:, rows], cache.k[:, rows], cache.v[:, rows] = self.qkv(x[rows], lw, cos[rows], sin[rows])
+
+        self.by_rows(T, project)
+        attended = self.attend(q, cache, positions)  # (T, H·hd)
+        out = xp.empty_like(x)
+
+        def finish(rows):  # residual, MLP, residual
+            out[rows] = x[rows] + self.linear(attended[rows], lw.wo, lw.bo)
+            out[rows] += self.mlp(out[rows], lw)
+
+        self.by_rows(T, finish)
+        return out, cache, q[:, -q_rows:]
+
+    @blas_single_threaded
     def head_scores(self, q_window, cache: PortLayerCache, kernel: int, pooling: str) -> np.ndarray:
         """SPEC section 1, steps 1-4, one KV group at a time: (H, n-w) on the host."""
         xp, G = self.xp, self.config.group_size
@@ -182,14 +233,16 @@ class PortEngine:
             best = xp.maximum(best, padded[..., t:t + n])
         return best
 
+    @blas_single_threaded
     def gemfilter_scores(self, i: int, x, positions: np.ndarray, kernel: int) -> np.ndarray:
         """Σ_h Q[h, N-1] · K[h//G, j] (raw), avg-pooled with width `kernel`: (N,) on the host."""
         lw, cfg = self.weights.layers[i], self.config
         h = self.rms_norm(x, lw.attn_norm)
-        q_last = self.rope(self.linear(h[-1:], lw.wq, lw.bq).reshape(1, cfg.num_attention_heads, -1).transpose(1, 0, 2),
-                           positions[-1:])[:, 0]  # (H, hd)
-        k = self.rope(self.linear(h, lw.wk, lw.bk).reshape(len(positions), cfg.num_key_value_heads, -1).transpose(1, 0, 2),
-                      positions)  # (H_kv, N, hd)
+        cos, sin = self.rope_tables(positions)
+        q_last = apply_rope(self.linear(h[-1:], lw.wq, lw.bq).reshape(1, cfg.num_attention_heads, -1).transpose(1, 0, 2),
+                            cos[-1:], sin[-1:])[:, 0]  # (H, hd)
+        k = apply_rope(self.linear(h, lw.wk, lw.bk).reshape(len(positions), cfg.num_key_value_heads, -1).transpose(1, 0, 2),
+                       cos, sin)  # (H_kv, N, hd)
         q_groups = q_last.reshape(cfg.num_key_value_heads, cfg.group_size, -1).sum(axis=1)  # (H_kv, hd)
         dots = (k * q_groups[:, None, :]).sum(axis=-1).sum(axis=0)  # (N,)
         return to_host(self.pool(dots[None, :], kernel, "avg")[0])
@@ -209,17 +262,19 @@ class PortEngine:
     def select_rows(self, x, rows: np.ndarray):
         return x[self.xp.asarray(rows)]
 
+    @blas_single_threaded
     def logits(self, x) -> np.ndarray:
         h = self.rms_norm(x[-1:], self.weights.norm)
         return to_host(self.linear(h, self.weights.lm_head))[0]  # (V,)
 
+    @blas_single_threaded
     def decode(self, caches, token: int, position: int):
         positions = np.array([position], dtype=np.int64)
         x = self.embed(np.array([token]))
         for i, cache in enumerate(caches):
             lw = self.weights.layers[i]
-            q, k, v = self.qkv(x, lw, positions)
+            q, k, v = self.qkv(x, lw, *self.rope_tables(positions))
             self.append(cache, k, v, position)
             x = x + self.linear(self.attend(q, cache, positions), lw.wo, lw.bo)
-            x = self.mlp_(x, lw)
+            x = x + self.mlp(x, lw)
         return self.logits(x), caches

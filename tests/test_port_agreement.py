@@ -15,7 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpu.attention import flash_group_attention
+import gpu.attention
+import gpu.engine
+from gpu.attention import KeyBounds, flash_attention, flash_group_attention
 from gpu.backend import cupy_unavailable_reason, get_xp, to_host
 from gpu.engine import PortEngine
 from gpu.loader import device_copy, load_device_weights
@@ -54,7 +56,14 @@ def agreement_cases(draw):
                     l_min=l_min, l_obs=draw(st.integers(2, l_min + 1)), kv_budget=kv_budget,
                     select_layer=draw(st.integers(0, L - 1)), filter_layer=draw(st.integers(0, L - 1)))
     ids = np.random.default_rng(model["seed"]).integers(0, model["vocab"], draw(st.integers(1, 90)))
-    return model, method, params, ids
+    return model, method, params, ids, draw(st.sampled_from([1, 2, 3]))
+
+
+@pytest.fixture
+def threads_on_tiny_work(monkeypatch):
+    """Let the port use its CPU threads even on tiny prompts, so the threaded paths are the ones tested."""
+    monkeypatch.setattr(gpu.engine, "MIN_ROWS_PER_THREAD", 2)
+    monkeypatch.setattr(gpu.attention, "MIN_THREADED_SCORES", 0)
 
 
 def record(gen, weights, dtype):
@@ -65,13 +74,14 @@ def record(gen, weights, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 @SETTINGS
 @given(case=agreement_cases())
-def test_port_agrees_with_the_reference(backend, case):
+def test_port_agrees_with_the_reference(backend, case, threads_on_tiny_work):
     name, weight_dtype = backend
     xp = get_xp(name)
-    model, method, params, ids = case
+    model, method, params, ids, threads = case
     weights = random_model(**model)
     expected = generate(weights, ids, 4, (), method=method, params=params)
-    port = PortEngine(device_copy(weights, xp, weight_dtype), xp, block_q=16, block_k=32)  # small blocks: many of them
+    port = PortEngine(device_copy(weights, xp, weight_dtype), xp, block_q=16, block_k=32,  # small blocks: many of them
+                      threads=threads)  # NumPy only: 1, 2 or 3 CPU threads
     got = generate(None, ids, 4, (), method=method, params=params, engine=port)
     verdict, findings = compare(record(expected, weights, "float32"), record(got, weights, "float32"),
                                 TOLERANCES[weight_dtype])
@@ -93,6 +103,62 @@ def test_online_softmax_attention_equals_the_reference(backend, T, extra, G, bq,
     got = to_host(flash_group_attention(xp, xp.asarray(q), xp.asarray(k), xp.asarray(v), q_pos, k_pos, bq, bk))
     expected = group_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), q_pos, k_pos)
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5)
+
+
+def attention_in_float64(q, k, v, q_pos, k_pos):
+    """The reference's attention of every KV head (q (B, G, T, hd), k, v (B, S, hd)), in float64."""
+    return np.stack([group_attention(q[b].astype(np.float64), k[b].astype(np.float64), v[b].astype(np.float64),
+                                     q_pos, k_pos) for b in range(q.shape[0])])
+
+
+def test_large_scores_take_a_shift_and_stay_exact():
+    """Scores near 100 would overflow e^s: the fixed shift (KeyBounds) must be used, and the result must
+    still be the reference's softmax to float32 precision."""
+    rng = np.random.default_rng(0)
+    B, G, T, hd = 2, 2, 40, 16
+    q = 12 * rng.standard_normal((B, G, T, hd)).astype(np.float32)
+    k = 12 * rng.standard_normal((B, T, hd)).astype(np.float32)
+    v = rng.standard_normal((B, T, hd)).astype(np.float32)
+    pos = np.arange(T)
+    bounds = KeyBounds(np, k, v)
+    scaled = (q / np.float32(4)).reshape(B, G * T, hd)
+    assert bounds.shift(np, scaled) is not None, "the test must exercise the shift"
+    got = flash_attention(np, q, k, v, pos, pos, 8, 16)
+    np.testing.assert_allclose(got, attention_in_float64(q, k, v, pos, pos), rtol=0, atol=5e-5)
+
+
+def test_a_shift_that_underflows_falls_back_to_the_running_maximum(monkeypatch):
+    """Keys along different axes make the bound loose: every score is 60 but the bound is |q|·max|k| = 240,
+    so e^(s - shift) underflows and the block must be redone with the running maximum."""
+    hd, T = 16, 24
+    k = np.zeros((1, T, hd), np.float32)
+    k[0, np.arange(T), np.arange(T) % hd] = 60.0  # each key along one axis
+    q = np.full((1, 1, T, hd), 4.0, np.float32)  # q·k_j / sqrt(16) = 4·60/4 = 60 for every j
+    v = np.random.default_rng(1).standard_normal((1, T, hd)).astype(np.float32)
+    calls = []
+    monkeypatch.setattr(gpu.attention, "online_softmax",
+                        lambda *a: calls.append(1) or ONLINE_SOFTMAX(*a))
+    pos = np.arange(T)
+    got = flash_attention(np, q, k, v, pos, pos, 8, 8)
+    assert calls, "the fallback must have run"
+    np.testing.assert_allclose(got, attention_in_float64(q, k, v, pos, pos), rtol=0, atol=2e-5)
+
+
+ONLINE_SOFTMAX = gpu.attention.online_softmax
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(T=st.integers(1, 60), B=st.integers(1, 3), G=st.integers(1, 3), bq=st.integers(1, 16), seed=st.integers(0, 2**31))
+def test_thread_count_does_not_change_the_attention(T, B, G, bq, seed, threads_on_tiny_work):
+    """Units never share an output row and each runs with BLAS at one thread, so 2 and 3 threads give the same
+    bits, and one thread the same values to float32 rounding."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, G, T, 8)).astype(np.float32)
+    k, v = rng.standard_normal((2, B, T, 8)).astype(np.float32)
+    pos = np.arange(T)
+    one, two, three = (flash_attention(np, q, k, v, pos, pos, bq, 16, threads) for threads in (1, 2, 3))
+    np.testing.assert_array_equal(two, three)
+    np.testing.assert_allclose(one, two, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", [*BACKENDS, pytest.param(("numpy", "float16"), id="numpy-float16")])
