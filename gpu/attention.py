@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 F32 = np.float32
-MIN_THREADED_SCORES = 1 << 20  # below this many scores per call, threads cost more than they save
+MIN_THREADED_SCORES = 1 << 16  # below this many scores per call, threads cost more than they save
 
 
 def available_cores() -> int:
@@ -66,12 +66,13 @@ def flash_attention(
     block_q: int,
     block_k: int,
     threads: int = 1,  # NumPy only: CPU threads for the units (1: run them in order)
+    per_head: bool | None = None,  # one KV head per unit (default on NumPy) or all of them (default on CuPy)
 ):
     """Causal-by-position attention of every KV head's query group at once; returns (B, G, T, hd)."""
     B, G, T, hd = q.shape
     visible_end = np.searchsorted(k_pos, q_pos, side="right")  # (T,) on the host: block bounds are Python ints
     out = xp.empty((B, G, T, hd), dtype=F32)
-    per_head = xp is np  # CPU: one KV head per unit, so that units can go to threads
+    per_head = (xp is np) if per_head is None else per_head  # CPU: one KV head per unit, so units can go to threads
     heads = [slice(b, b + 1) for b in range(B)] if per_head else [slice(0, B)]
     blocks = [(a, min(a + block_q, T)) for a in range(0, T, block_q)]
     units = [(h, a, b) for a, b in reversed(blocks) for h in heads]  # largest first: later queries see more keys

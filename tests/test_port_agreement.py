@@ -111,7 +111,8 @@ def attention_in_float64(q, k, v, q_pos, k_pos):
                                      q_pos, k_pos) for b in range(q.shape[0])])
 
 
-def test_large_scores_take_a_shift_and_stay_exact():
+@pytest.mark.parametrize("per_head", [True, False], ids=["cpu-units", "gpu-units"])
+def test_large_scores_take_a_shift_and_stay_exact(per_head):
     """Scores near 100 would overflow e^s: the fixed shift (KeyBounds) must be used, and the result must
     still be the reference's softmax to float32 precision."""
     rng = np.random.default_rng(0)
@@ -123,23 +124,28 @@ def test_large_scores_take_a_shift_and_stay_exact():
     bounds = KeyBounds(np, k, v)
     scaled = (q / np.float32(4)).reshape(B, G * T, hd)
     assert bounds.shift(np, scaled) is not None, "the test must exercise the shift"
-    got = flash_attention(np, q, k, v, pos, pos, 8, 16)
+    got = flash_attention(np, q, k, v, pos, pos, 8, 16, per_head=per_head)
     np.testing.assert_allclose(got, attention_in_float64(q, k, v, pos, pos), rtol=0, atol=5e-5)
 
 
-def test_a_shift_that_underflows_falls_back_to_the_running_maximum(monkeypatch):
+@pytest.mark.parametrize("per_head", [True, False], ids=["cpu-units", "gpu-units"])
+def test_a_shift_that_underflows_falls_back_to_the_running_maximum(monkeypatch, per_head):
     """Keys along different axes make the bound loose: every score is 60 but the bound is |q|·max|k| = 240,
-    so e^(s - shift) underflows and the block must be redone with the running maximum."""
+    so e^(s - shift) underflows and the block must be redone with the running maximum. KV head 1 is
+    ordinary, so on CPU units only head 0 is redone, on GPU units both."""
     hd, T = 16, 24
-    k = np.zeros((1, T, hd), np.float32)
-    k[0, np.arange(T), np.arange(T) % hd] = 60.0  # each key along one axis
-    q = np.full((1, 1, T, hd), 4.0, np.float32)  # q·k_j / sqrt(16) = 4·60/4 = 60 for every j
-    v = np.random.default_rng(1).standard_normal((1, T, hd)).astype(np.float32)
+    rng = np.random.default_rng(1)
+    k = rng.standard_normal((2, T, hd)).astype(np.float32)
+    k[0] = 0.0
+    k[0, np.arange(T), np.arange(T) % hd] = 60.0  # each key of head 0 along one axis
+    q = rng.standard_normal((2, 1, T, hd)).astype(np.float32)
+    q[0] = 4.0  # q·k_j / sqrt(16) = 4·60/4 = 60 for every j
+    v = rng.standard_normal((2, T, hd)).astype(np.float32)
     calls = []
     monkeypatch.setattr(gpu.attention, "online_softmax",
                         lambda *a: calls.append(1) or ONLINE_SOFTMAX(*a))
     pos = np.arange(T)
-    got = flash_attention(np, q, k, v, pos, pos, 8, 8)
+    got = flash_attention(np, q, k, v, pos, pos, 8, 8, per_head=per_head)
     assert calls, "the fallback must have run"
     np.testing.assert_allclose(got, attention_in_float64(q, k, v, pos, pos), rtol=0, atol=2e-5)
 
@@ -149,9 +155,9 @@ ONLINE_SOFTMAX = gpu.attention.online_softmax
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(T=st.integers(1, 60), B=st.integers(1, 3), G=st.integers(1, 3), bq=st.integers(1, 16), seed=st.integers(0, 2**31))
-def test_thread_count_does_not_change_the_attention(T, B, G, bq, seed, threads_on_tiny_work):
+def test_thread_count_and_unit_layout_do_not_change_the_attention(T, B, G, bq, seed, threads_on_tiny_work):
     """Units never share an output row and each runs with BLAS at one thread, so 2 and 3 threads give the same
-    bits, and one thread the same values to float32 rounding."""
+    bits, and one thread the same values to float32 rounding; so does the GPU's unit layout."""
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((B, G, T, 8)).astype(np.float32)
     k, v = rng.standard_normal((2, B, T, 8)).astype(np.float32)
@@ -159,6 +165,9 @@ def test_thread_count_does_not_change_the_attention(T, B, G, bq, seed, threads_o
     one, two, three = (flash_attention(np, q, k, v, pos, pos, bq, 16, threads) for threads in (1, 2, 3))
     np.testing.assert_array_equal(two, three)
     np.testing.assert_allclose(one, two, rtol=0, atol=1e-6)
+    # the GPU's layout, all KV heads in one unit, run here on NumPy so that its first run is not on a GPU
+    batched = flash_attention(np, q, k, v, pos, pos, bq, 16, per_head=False)
+    np.testing.assert_allclose(batched, one, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", [*BACKENDS, pytest.param(("numpy", "float16"), id="numpy-float16")])
