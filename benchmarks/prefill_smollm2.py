@@ -1,7 +1,7 @@
 """Prefill time and peak memory: the reference and the port (NumPy) against transformers (sdpa), SmolLM2, float32.
 
     python benchmarks/prefill_smollm2.py [--tokens 1024 2048 4096] [--repeats 2] [--rounds 1] [--impls reference port transformers]
-    python benchmarks/prefill_smollm2.py --asl [--tokens 1024 4096]   # the port: ASL vs full, time vs FLOPs saved
+    python benchmarks/prefill_smollm2.py --asl [--tokens 1024 4096] [--repeats 5]   # the port: ASL vs full, time vs FLOPs saved
 
 Each (implementation, length) runs in its own subprocess, so peak memory
 (ru_maxrss: weights, activations and the KV cache) belongs to that run alone.
@@ -98,9 +98,10 @@ def prefill_gflop(n_tokens: int) -> float:
     return cfg.num_hidden_layers * layer_flops(cfg, n_tokens) / 1e9
 
 
-def gemm_gflops() -> dict[str, float]:
-    """A plain float32 GEMM of the model's MLP shape (4096 x 576 @ 576 x 1536), best of 5: NumPy's BLAS and,
-    when installed, torch's (the port's GEMMs are NumPy's, transformers' are torch's)."""
+def gemm_gflops(rounds: int = 20) -> dict[str, float]:
+    """A plain float32 GEMM of the model's MLP shape (4096 x 576 @ 576 x 1536): NumPy's BLAS and, when
+    installed, torch's (the port's GEMMs are NumPy's, transformers' are torch's); the two take turns,
+    `rounds` times each, and the best of each is reported."""
     import numpy as np
 
     a, b = np.ones((4096, 576), np.float32), np.ones((576, 1536), np.float32)
@@ -112,20 +113,21 @@ def gemm_gflops() -> dict[str, float]:
         products["torch"] = lambda: ta @ tb
     except ImportError:
         pass
-    rates = {}
-    for name, product in products.items():
-        best = float("inf")
-        for _ in range(5):
+    best = dict.fromkeys(products, float("inf"))
+    for _ in range(rounds):
+        for name, product in products.items():
             start = time.perf_counter()
             product()
-            best = min(best, time.perf_counter() - start)
-        rates[name] = 2 * 4096 * 576 * 1536 / best / 1e9
-    return rates
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: 2 * 4096 * 576 * 1536 / seconds / 1e9 for name, seconds in best.items()}
 
 
 def asl_vs_full(tokens: list[int], repeats: int) -> int:
     """On the port: does ASL's prefill time saving follow the trace's FLOP estimate?
-    One engine; full and asl alternate, `repeats` times each, and the best of each is compared."""
+    One engine; full and asl run in adjacent pairs, `repeats` pairs, and the saving is the median of the
+    pairs' savings (the machine's speed drifts between minutes; a pair sees the same machine)."""
+    import statistics
+
     import numpy as np
 
     from gpu.engine import PortEngine
@@ -139,22 +141,26 @@ def asl_vs_full(tokens: list[int], repeats: int) -> int:
     model_dir = resolve_model("smollm2")
     params = Params(tau=0.3, l_min=10, l_obs=8, window=32, kernel=7, select_k=256)
     engine = PortEngine(load_device_weights(model_dir, np, "float32", progress=False)[0], np)
-    print(f"port on NumPy, {engine.threads} threads; {params}; best of {repeats}")
-    print(f"{'tokens':>7} {'full s':>8} {'asl s':>8} {'layer':>6} {'time saved':>11} {'FLOPs saved':>12} {'ratio':>6}")
+    print(f"port on NumPy, {engine.threads} threads; {params}; median of {repeats} pairs")
+    print(f"{'tokens':>7} {'full s':>8} {'asl s':>8} {'layer':>6} {'time saved':>11} {'(pairs)':>15} {'FLOPs saved':>12} "
+          f"{'ratio':>6}")
     for n in tokens:
         ids = passkey_prompt(load_tokenizer(model_dir), n, seed=0).ids
         run_prefill(None, ids[:64], "full", engine=engine)  # warm-up
-        best, result = {"full": float("inf"), "asl": float("inf")}, {}
+        seconds, result = {"full": [], "asl": []}, {}
         for _ in range(repeats):
             for method in ("full", "asl"):
+                result[method] = None  # the previous run's caches go before this run allocates its own
                 start = time.perf_counter()
                 result[method] = run_prefill(None, ids, method, params, engine=engine)
-                best[method] = min(best[method], time.perf_counter() - start)
+                seconds[method].append(time.perf_counter() - start)
+        savings = [1 - a / f for f, a in zip(seconds["full"], seconds["asl"])]
         flops = {m: sum(r.flops for r in (res.first_pass or []) + res.layers) for m, res in result.items()}
-        time_saved, flops_saved = 1 - best["asl"] / best["full"], 1 - flops["asl"] / flops["full"]
-        print(f"{len(ids):>7} {best['full']:>8.2f} {best['asl']:>8.2f} {str(result['asl'].select_layer):>6} "
-              f"{time_saved:>10.1%} {flops_saved:>11.1%} {time_saved / flops_saved if flops_saved else float('nan'):>6.2f}",
-              flush=True)
+        time_saved, flops_saved = statistics.median(savings), 1 - flops["asl"] / flops["full"]
+        pairs = f"{min(savings):.0%}..{max(savings):.0%}"
+        print(f"{len(ids):>7} {statistics.median(seconds['full']):>8.2f} {statistics.median(seconds['asl']):>8.2f} "
+              f"{str(result['asl'].select_layer):>6} {time_saved:>10.1%} {pairs:>15} {flops_saved:>11.1%} "
+              f"{time_saved / flops_saved if flops_saved else float('nan'):>6.2f}", flush=True)
     return 0
 
 
@@ -197,7 +203,7 @@ def main() -> int:
         return 0
     print(environment())
     if args.asl:
-        return asl_vs_full(args.tokens, args.repeats)
+        return asl_vs_full(args.tokens, max(args.repeats, 5))
     gemm = gemm_gflops()
     print("plain float32 GEMM (4096x576 @ 576x1536): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in gemm.items()))
     impls = [i for i in args.impls if i != "transformers"] + ["transformers"]

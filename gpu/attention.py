@@ -8,9 +8,9 @@ float32 whatever the cache dtype.
 
 The softmax across key blocks. Any shift c gives the same weights,
 softmax(s) = e^(s-c) / Σ e^(s-c); the shift only has to keep e^(s-c) finite.
-So each query row first gets a fixed shift from a bound on its scores
-(`KeyBounds`: zero for most rows of real models), and every key block is then
-just
+So in prefill each query row first gets a fixed shift from a bound on its
+scores (`KeyBounds`: zero for most rows of real models), and every key block
+is then just
 
     l += Σ e^(s-c),   acc += e^(s-c) v
 
@@ -77,7 +77,9 @@ def flash_attention(
     blocks = [(a, min(a + block_q, T)) for a in range(0, T, block_q)]
     units = [(h, a, b) for a, b in reversed(blocks) for h in heads]  # largest first: later queries see more keys
     scratch = threading.local()  # one score buffer per thread, reused by its units
-    bounds = KeyBounds(xp, k, v)
+    # the fixed shift costs one pass over the keys: worth it when the scores outnumber the key entries
+    # (prefill), not for a few queries against a long cache (decoding), which take the running maximum
+    bounds = KeyBounds(xp, k, v) if G * T >= hd else None
 
     def run(unit):
         h, a, b = unit
@@ -85,7 +87,7 @@ def flash_attention(
             n_heads = h.stop - h.start
             scratch.buffer = xp.empty(n_heads * G * min(block_q, T) * min(block_k, int(visible_end[-1])), dtype=F32)
         out[h, :, a:b] = query_block(xp, q[h, :, a:b], k[h], v[h], q_pos[a:b], k_pos, visible_end[a:b], block_k,
-                                     scratch.buffer, bounds.heads(h))
+                                     scratch.buffer, bounds and bounds.heads(h))
 
     threads = min(threads, len(units)) if per_head and B * G * T * int(visible_end[-1]) >= MIN_THREADED_SCORES else 1
     if threads <= 1:
@@ -98,17 +100,20 @@ def flash_attention(
 
 
 def query_block(xp, q, k, v, q_pos: np.ndarray, k_pos: np.ndarray, visible_end: np.ndarray, block_k: int, buffer,
-                bounds: "KeyBounds"):
+                bounds: "KeyBounds | None"):
     """q (B, G, n, hd) float32 of queries at q_pos; k, v (B, S, hd) -> (B, G, n, hd).
 
     First with one fixed shift per row (`KeyBounds.shift`): every key block is then just
     l += Σ e^(s - shift), acc += e^(s - shift) v, with no running maximum, no rescaling and
     no pass to find a block's maximum. The shift only guards against overflow, so a row whose
     largest weight underflowed (l too small to carry float32 precision) is done again with the
-    running maximum (`online_softmax`); rows whose bound is small need no shift at all.
+    running maximum (`online_softmax`); rows whose bound is small need no shift at all. Without
+    bounds (decoding) the running maximum is used throughout.
     """
     B, G, n, hd = q.shape
     qb = (q * F32(1.0 / float(np.sqrt(hd)))).reshape(B, G * n, hd)  # the G heads stacked: one GEMM per KV head
+    if bounds is None:
+        return online_softmax(xp, qb, k, v, q_pos, k_pos, visible_end, block_k, buffer).reshape(B, G, n, hd)
     shift = bounds.shift(xp, qb)  # (B, G·n, 1), or None when no row needs one
     l = xp.zeros((B, G * n, 1), dtype=F32)  # Σ e^(s - shift)
     acc = xp.zeros((B, G * n, hd), dtype=F32)  # Σ e^(s - shift) v
