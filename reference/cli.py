@@ -54,7 +54,8 @@ def _prompt_ids(args, tok) -> list[int]:
     return encode_chat(tok, args.prompt) if args.chat else tok.encode(args.prompt)
 
 
-def load_model(model: str, dtype: str, backend: str | None = None, weight_dtype: str | None = None):
+def load_model(model: str, dtype: str, backend: str | None = None, weight_dtype: str | None = None,
+               threads: int | None = None):
     """(model_dir, weights, tokenizer, eos ids, engine): the reference, or the port with --backend."""
     from reference.checkpoint import load_weights
     from reference.fetch import resolve_model
@@ -63,6 +64,9 @@ def load_model(model: str, dtype: str, backend: str | None = None, weight_dtype:
 
     model_dir = resolve_model(model)
     engine = None
+    if threads is not None and (backend != "numpy" or threads < 1):
+        raise OracleError(f"--threads {threads}: the port's CPU threads need --backend numpy and a count >= 1 "
+                          "(the reference uses BLAS's own threads: set OPENBLAS_NUM_THREADS instead)")
     if backend is None:
         weights = load_weights(model_dir, dtype)
     else:
@@ -74,7 +78,7 @@ def load_model(model: str, dtype: str, backend: str | None = None, weight_dtype:
             raise OracleError(f"--backend {backend} computes in float32; drop --dtype {dtype} (the reference has float64)")
         xp = get_xp(backend)
         weights, _ = load_device_weights(model_dir, xp, weight_dtype or ("float16" if is_cupy(xp) else "float32"))
-        engine = PortEngine(weights, xp)
+        engine = PortEngine(weights, xp, threads=threads)
     tok = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
     return model_dir, weights, tok, eos_token_ids(model_dir, weights.config), engine
 
@@ -82,7 +86,7 @@ def load_model(model: str, dtype: str, backend: str | None = None, weight_dtype:
 def cmd_generate(args) -> int:
     from reference.generate import generate
 
-    _, weights, tok, eos, engine = load_model(args.model, args.dtype, args.backend, args.weight_dtype)
+    _, weights, tok, eos, engine = load_model(args.model, args.dtype, args.backend, args.weight_dtype, args.threads)
     ids = _prompt_ids(args, tok)
     result = generate(weights, ids, args.max_new_tokens, eos, engine=engine)
     text = tok.decode(result.generated_ids) if tok is not None else json.dumps(result.generated_ids)
@@ -128,7 +132,7 @@ def cmd_run(args) -> int:
     from reference.params import check_params
     from reference.trace import make_trace, model_sha256, save_trace
 
-    model_dir, weights, tok, eos, engine = load_model(args.model, args.dtype, args.backend, args.weight_dtype)
+    model_dir, weights, tok, eos, engine = load_model(args.model, args.dtype, args.backend, args.weight_dtype, args.threads)
     params = _params(args)
     check_params(args.method, params, weights.config.num_hidden_layers)  # before any long work
     ids = _prompt_ids(args, tok)
@@ -279,6 +283,8 @@ def _add_model_and_prompt(p: argparse.ArgumentParser) -> None:
                         "cupy needs the gpu extra and an NVIDIA GPU")
     p.add_argument("--weight-dtype", choices=["float16", "float32"], default=None,
                    help="the port's weight dtype (default: float16 on cupy, float32 on numpy)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads of the port on numpy (default: every core this process may use)")
 
 
 def _add_method_params(p: argparse.ArgumentParser, with_method: bool = True) -> None:

@@ -99,6 +99,29 @@ def test_backend_numpy_runs_the_port_with_the_same_decisions(capsys):
     assert reference_out.splitlines()[-1] == port_out.splitlines()[-1]  # the summary: same layer, kept, KV
 
 
+def test_threads_option_sets_the_ports_threads_and_keeps_its_decisions(capsys, monkeypatch):
+    import gpu.engine
+
+    made = []
+    monkeypatch.setattr(gpu.engine.PortEngine, "__init__",
+                        lambda self, *a, _init=gpu.engine.PortEngine.__init__, **k: made.append(k.get("threads"))
+                        or _init(self, *a, **k))
+    args = ["run", "--model", "tiny-qwen2", "--prompt", "w" * 80, "--method", "asl", *SMALL, "--max-new-tokens", "4",
+            "--backend", "numpy"]
+    main(args + ["--threads", "1"])
+    one = capsys.readouterr().out
+    main(args + ["--threads", "3"])
+    three = capsys.readouterr().out
+    assert made == [1, 3]
+    assert one.splitlines()[-1] == three.splitlines()[-1]
+
+
+@pytest.mark.parametrize("extra", [["--threads", "2"], ["--backend", "numpy", "--threads", "0"]],
+                         ids=["without-backend", "zero"])
+def test_threads_without_the_numpy_port_is_refused(extra):
+    assert_clean_error(run_asl("generate", "--model", "tiny-llama", "--prompt", "hi", *extra), "--threads")
+
+
 def test_backend_cupy_without_cupy_names_the_fix():
     from gpu.backend import cupy_unavailable_reason
 
