@@ -35,6 +35,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -79,7 +80,7 @@ def flash_attention(
     scratch = threading.local()  # one score buffer per thread, reused by its units
     # the fixed shift costs one pass over the keys: worth it when the scores outnumber the key entries
     # (prefill), not for a few queries against a long cache (decoding), which take the running maximum
-    bounds = KeyBounds(xp, k, v) if G * T >= hd else None
+    bounds = KeyBounds.of(xp, k, v) if G * T >= hd else None
 
     def run(unit):
         h, a, b = unit
@@ -163,6 +164,7 @@ def key_blocks(xp, qb, k, q_pos, k_pos, visible_end, block_k, buffer):
         yield c, d, s
 
 
+@dataclass(frozen=True)
 class KeyBounds:
     """What the fixed shift needs to know of the keys and values of one call.
 
@@ -173,24 +175,27 @@ class KeyBounds:
     for S keys: E = ln(FLT_MAX) - ln S - ln max(1, max|v|) - 1.
     """
 
-    def __init__(self, xp, k, v):  # k, v (B, S, hd)
+    k_max: object  # (B, 1, hd) float32: max_j k_jd
+    k_min: object  # (B, 1, hd) float32: min_j k_jd
+    k_norm: object  # (B, 1, 1) float32: max_j |k_j|
+    exponent: float  # E
+    least_sum: np.float32  # below this row sum the largest weight may have lost precision to underflow
+
+    @classmethod
+    def of(cls, xp, k, v) -> "KeyBounds":  # k, v (B, S, hd)
         B, S, hd = k.shape
         if S == 0:  # no visible key: nothing to bound (the rows come out 0/0, as in the reference)
             k = xp.zeros((B, 1, hd), dtype=F32)
         k32 = k.astype(F32, copy=False)
-        self.k_max, self.k_min = k32.max(axis=1)[:, None, :], k32.min(axis=1)[:, None, :]  # (B, 1, hd)
-        self.k_norm = xp.sqrt(xp.einsum("bsd,bsd->bs", k32, k32)).max(axis=1)[:, None, None]  # (B, 1, 1)
-        S = max(S, 1)
         v_abs = max(1.0, float(xp.abs(v).max())) if v.size else 1.0
-        self.exponent = float(np.log(np.finfo(F32).max)) - float(np.log(S)) - float(np.log(v_abs)) - 1.0
-        # below this sum the largest weight may have lost precision to underflow (S terms of < 2^-149 each)
-        self.least_sum = F32(S * 2.0**-119)
+        S = max(S, 1)
+        return cls(k_max=k32.max(axis=1)[:, None, :], k_min=k32.min(axis=1)[:, None, :],
+                   k_norm=xp.sqrt(xp.einsum("bsd,bsd->bs", k32, k32)).max(axis=1)[:, None, None],
+                   exponent=float(np.log(np.finfo(F32).max)) - float(np.log(S)) - float(np.log(v_abs)) - 1.0,
+                   least_sum=F32(S * 2.0**-119))  # S terms of < 2^-149 each are lost to underflow at most
 
     def heads(self, h: slice) -> "KeyBounds":
-        part = object.__new__(KeyBounds)
-        part.k_max, part.k_min, part.k_norm = self.k_max[h], self.k_min[h], self.k_norm[h]
-        part.exponent, part.least_sum = self.exponent, self.least_sum
-        return part
+        return replace(self, k_max=self.k_max[h], k_min=self.k_min[h], k_norm=self.k_norm[h])
 
     def shift(self, xp, qb):
         """(B, R, 1) float32 shifts for the rows of qb (B, R, hd), or None when every one is 0."""

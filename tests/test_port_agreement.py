@@ -121,7 +121,7 @@ def test_large_scores_take_a_shift_and_stay_exact(per_head):
     k = 12 * rng.standard_normal((B, T, hd)).astype(np.float32)
     v = rng.standard_normal((B, T, hd)).astype(np.float32)
     pos = np.arange(T)
-    bounds = KeyBounds(np, k, v)
+    bounds = KeyBounds.of(np, k, v)
     scaled = (q / np.float32(4)).reshape(B, G * T, hd)
     assert bounds.shift(np, scaled) is not None, "the test must exercise the shift"
     got = flash_attention(np, q, k, v, pos, pos, 8, 16, per_head=per_head)
