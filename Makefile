@@ -9,7 +9,7 @@ ASL    := $(VENV)/bin/asl
 help:
 	@echo "make demo   - set up .venv, fetch SmolLM2 (once), answer a pass key hidden in ~1K tokens"
 	@echo "make test   - set up .venv with the test extras and run the whole suite"
-	@echo "make bench  - prefill speed and memory: reference vs transformers on SmolLM2"
+	@echo "make bench  - prefill speed and memory: reference and NumPy port vs transformers on SmolLM2"
 	@echo "make tiny-checkpoints - regenerate the committed tiny checkpoints (deterministic)"
 	@echo "make goldens - regenerate tests/goldens/ and print the diff of every change"
 
