@@ -109,19 +109,24 @@ class PortEngine:
 
     def by_rows(self, T: int, work) -> None:
         """work(rows) for slices of rows covering 0..T: token-wise work (norms, projections, MLP) has
-        no dependence between rows. On NumPy with several cores the slices go to the thread pool
-        with BLAS held at one thread, so elementwise passes use every core too; slices are at most
-        `mlp_chunk` rows in one piece, `row_slice` rows on threads: that bounds the MLP's temporaries
-        (measured: 4096-row slices on two threads took SmolLM2's peak RSS at 8K tokens from 1.15 to 1.75 GB)."""
+        no dependence between rows. On NumPy with several cores the slices go to the CPU threads
+        (`each`), so elementwise passes use every core too; slices are at most `mlp_chunk` rows in
+        one piece, `row_slice` rows on threads: that bounds the MLP's temporaries (measured:
+        4096-row slices on two threads took SmolLM2's peak RSS at 8K tokens from 1.15 to 1.75 GB)."""
         parallel = self.threads > 1 and T >= MIN_ROWS_PER_THREAD * self.threads
         size = min(self.row_slice, -(-T // self.threads)) if parallel else self.mlp_chunk
-        slices = [slice(a, min(a + size, T)) for a in range(0, T, size)]
-        if not parallel:
-            for rows in slices:
-                work(rows)
+        self.each([slice(a, min(a + size, T)) for a in range(0, T, size)], work)
+
+    def each(self, items, work) -> None:
+        """work(item) for every item, which must not depend on one another: on the CPU threads with
+        BLAS held at one thread when there are several threads and items, else in order."""
+        items = list(items)
+        if self.threads <= 1 or len(items) <= 1:
+            for item in items:
+                work(item)
             return
         with blas_threads(1):
-            list(thread_pool(self.threads).map(work, slices))  # list(): re-raises a slice's exception here
+            list(thread_pool(self.threads).map(work, items))  # list(): re-raises an item's exception here
 
     def new_cache(self, n: int, positions: np.ndarray) -> PortLayerCache:
         """An empty cache for n tokens at `positions` (filled by the caller), with room to decode."""
@@ -201,21 +206,23 @@ class PortEngine:
 
     @blas_single_threaded
     def head_scores(self, q_window, cache: PortLayerCache, kernel: int, pooling: str) -> np.ndarray:
-        """SPEC section 1, steps 1-4, one KV group at a time: (H, n-w) on the host."""
+        """SPEC section 1, steps 1-4, one KV group at a time (on the CPU threads): (H, n-w) on the host."""
         xp, G = self.xp, self.config.group_size
         H, w, hd = q_window.shape
         n = cache.lengths[0]
         scale = F32(1.0 / float(np.sqrt(hd)))
-        query_index = xp.arange(n - w, n)
-        hidden = xp.arange(n)[None, :] > query_index[:, None]  # (w, n)
+        hidden = xp.asarray(np.triu(np.ones((w, w), dtype=bool), 1))  # query n-w+i does not see key n-w+j, j > i
         u = xp.empty((H, n - w), dtype=F32)
-        for g in range(self.config.num_key_value_heads):
-            k, _, _ = cache.head(g)
-            s = (q_window[g * G:(g + 1) * G] * scale) @ k.astype(F32, copy=False).T  # (G, w, n)
-            s = xp.where(hidden[None], F32(-np.inf), s)
-            s = xp.exp(s - s.max(axis=-1, keepdims=True))
+
+        def group(g):
+            s = (q_window[g * G:(g + 1) * G] * scale) @ cache.k[g, :n].astype(F32, copy=False).T  # (G, w, n)
+            xp.copyto(s[:, :, n - w:], F32(-np.inf), where=hidden)  # every earlier key is visible to every query
+            s -= s.max(axis=-1, keepdims=True)
+            xp.exp(s, out=s)
             s /= s.sum(axis=-1, keepdims=True)
             u[g * G:(g + 1) * G] = s[:, :, : n - w].sum(axis=1)
+
+        self.each(range(self.config.num_key_value_heads), group)
         return to_host(self.pool(u, kernel, pooling))
 
     def pool(self, u, kernel: int, kind: str):
