@@ -142,32 +142,49 @@ def asl_vs_full(tokens: list[int], repeats: int) -> int:
     params = Params(tau=0.3, l_min=10, l_obs=8, window=32, kernel=7, select_k=256)
     engine = PortEngine(load_device_weights(model_dir, np, "float32", progress=False)[0], np)
     print(f"port on NumPy, {engine.threads} threads; {params}; median of {repeats} pairs")
+    layer_seconds = []  # every engine.layer call of the current run: the rest of a run is ASL's own work
+    layer = engine.layer
+
+    def timed_layer(*args, **kwargs):
+        start = time.perf_counter()
+        out = layer(*args, **kwargs)
+        layer_seconds.append(time.perf_counter() - start)
+        return out
+
+    engine.layer = timed_layer
     print(f"{'tokens':>7} {'full s':>8} {'asl s':>8} {'layer':>6} {'time saved':>11} {'(pairs)':>15} {'FLOPs saved':>12} "
-          f"{'ratio':>6}")
+          f"{'ratio':>6} {'asl between layers s':>21} {'layers from the selection on s (full / asl)':>44}")
     for n in tokens:
         ids = passkey_prompt(load_tokenizer(model_dir), n, seed=0).ids
         run_prefill(None, ids[:64], "full", engine=engine)  # warm-up
-        seconds, result = {"full": [], "asl": []}, {}
+        seconds, result, between, tail = {"full": [], "asl": []}, {}, [], {"full": [], "asl": []}
         for _ in range(repeats):
             for method in ("full", "asl"):
                 result[method] = None  # the previous run's caches go before this run allocates its own
+                layer_seconds = []
                 start = time.perf_counter()
                 result[method] = run_prefill(None, ids, method, params, engine=engine)
                 seconds[method].append(time.perf_counter() - start)
+                tail[method].append(layer_seconds)
+                if method == "asl":
+                    between.append(seconds["asl"][-1] - sum(layer_seconds))
+        chosen = result["asl"].select_layer
+        tail_s = {m: statistics.median(sum(t[chosen or 0:]) for t in tail[m]) for m in tail}
         savings = [1 - a / f for f, a in zip(seconds["full"], seconds["asl"])]
         flops = {m: sum(r.flops for r in (res.first_pass or []) + res.layers) for m, res in result.items()}
         time_saved, flops_saved = statistics.median(savings), 1 - flops["asl"] / flops["full"]
         pairs = f"{min(savings):.0%}..{max(savings):.0%}"
         print(f"{len(ids):>7} {statistics.median(seconds['full']):>8.2f} {statistics.median(seconds['asl']):>8.2f} "
               f"{str(result['asl'].select_layer):>6} {time_saved:>10.1%} {pairs:>15} {flops_saved:>11.1%} "
-              f"{time_saved / flops_saved if flops_saved else float('nan'):>6.2f}", flush=True)
+              f"{time_saved / flops_saved if flops_saved else float('nan'):>6.2f} {statistics.median(between):>21.3f} "
+              f"{tail_s['full']:>35.2f} / {tail_s['asl']:.2f}", flush=True)
     return 0
 
 
 def environment() -> str:
     import numpy as np
 
-    from gpu.attention import available_cores
+    from gpu.threads import available_cores
 
     blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
     lines = [

@@ -23,8 +23,8 @@ running maximum of the classic online softmax (`online_softmax`):
 Work is cut into units (KV heads, query block) that never share an output
 row. On a GPU one unit covers all KV heads and the units run in order (the
 device is parallel inside each kernel). On NumPy each unit is one KV head,
-and the units run on a pool of CPU threads with BLAS held at one thread
-inside them: NumPy's elementwise passes (exp, sum) are single-threaded, so
+and the units run on the port's CPU threads (`gpu/threads.py`) with BLAS held
+at one thread inside them: NumPy's elementwise passes (exp, sum) are single-threaded, so
 this is what puts every core to work on them. A unit's arithmetic does not
 depend on which thread runs it, so any number of threads above one gives the
 same bits (one thread: BLAS may split its GEMMs, the same values to rounding).
@@ -32,23 +32,15 @@ same bits (one thread: BLAS may split its GEMMs, the same values to rounding).
 
 from __future__ import annotations
 
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
 
+from gpu.threads import each
+
 F32 = np.float32
 MIN_THREADED_SCORES = 1 << 16  # below this many scores per call, threads cost more than they save
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def flash_group_attention(xp, q, k, v, q_pos: np.ndarray, k_pos: np.ndarray, block_q: int, block_k: int,
@@ -90,18 +82,12 @@ def flash_attention(
         out[h, :, a:b] = query_block(xp, q[h, :, a:b], k[h], v[h], q_pos[a:b], k_pos, visible_end[a:b], block_k,
                                      scratch.buffer, bounds and bounds.heads(h))
 
-    threads = min(threads, len(units)) if per_head and B * G * T * int(visible_end[-1]) >= MIN_THREADED_SCORES else 1
-    if threads <= 1:
-        for unit in units:
-            run(unit)
-    else:
-        with blas_threads(1):
-            list(thread_pool(threads).map(run, units))  # list(): re-raises a unit's exception here
+    each(run, units, threads if per_head and B * G * T * int(visible_end[-1]) >= MIN_THREADED_SCORES else 1)
     return out
 
 
 def query_block(xp, q, k, v, q_pos: np.ndarray, k_pos: np.ndarray, visible_end: np.ndarray, block_k: int, buffer,
-                bounds: "KeyBounds | None"):
+                bounds: KeyBounds | None):
     """q (B, G, n, hd) float32 of queries at q_pos; k, v (B, S, hd) -> (B, G, n, hd).
 
     First with one fixed shift per row (`KeyBounds.shift`): every key block is then just
@@ -182,19 +168,19 @@ class KeyBounds:
     least_sum: np.float32  # below this row sum the largest weight may have lost precision to underflow
 
     @classmethod
-    def of(cls, xp, k, v) -> "KeyBounds":  # k, v (B, S, hd)
+    def of(cls, xp, k, v) -> KeyBounds:  # k, v (B, S, hd)
         B, S, hd = k.shape
         if S == 0:  # no visible key: nothing to bound (the rows come out 0/0, as in the reference)
             k = xp.zeros((B, 1, hd), dtype=F32)
         k32 = k.astype(F32, copy=False)
-        v_abs = max(1.0, float(xp.abs(v).max())) if v.size else 1.0
+        v_abs = max(1.0, float(v.max()), -float(v.min())) if v.size else 1.0  # max|v| without a |v| copy
         S = max(S, 1)
         return cls(k_max=k32.max(axis=1)[:, None, :], k_min=k32.min(axis=1)[:, None, :],
                    k_norm=xp.sqrt(xp.einsum("bsd,bsd->bs", k32, k32)).max(axis=1)[:, None, None],
                    exponent=float(np.log(np.finfo(F32).max)) - float(np.log(S)) - float(np.log(v_abs)) - 1.0,
                    least_sum=F32(S * 2.0**-119))  # S terms of < 2^-149 each are lost to underflow at most
 
-    def heads(self, h: slice) -> "KeyBounds":
+    def heads(self, h: slice) -> KeyBounds:
         return replace(self, k_max=self.k_max[h], k_min=self.k_min[h], k_norm=self.k_norm[h])
 
     def shift(self, xp, qb):
@@ -205,27 +191,3 @@ class KeyBounds:
         if not bool((excess > 0).any()):
             return None
         return xp.maximum(excess, F32(0)).astype(F32)
-
-
-# ---------------------------------------------------------------- CPU threads
-
-_pools: dict[int, ThreadPoolExecutor] = {}
-_controller = None
-
-
-def thread_pool(threads: int) -> ThreadPoolExecutor:
-    """One long-lived pool per thread count (decoding calls attention once per layer and token)."""
-    if threads not in _pools:
-        _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="asl-port")
-    return _pools[threads]
-
-
-def blas_threads(limit: int):
-    """Context manager holding BLAS at `limit` threads (threadpoolctl), so that units on
-    separate threads do not each start a full set of BLAS threads and fight over cores."""
-    global _controller
-    if _controller is None:
-        from threadpoolctl import ThreadpoolController
-
-        _controller = ThreadpoolController()
-    return _controller.limit(limits=limit, user_api="blas")

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpu.attention import available_cores, blas_threads, flash_attention, flash_group_attention, thread_pool
+from gpu import threads as cpu_threads
+from gpu.attention import flash_attention, flash_group_attention
 from gpu.backend import is_cupy, to_host
 from reference.checkpoint import Weights
 from reference.model import rms_norm, silu
@@ -38,13 +39,13 @@ def blas_single_threaded(method):
     """An engine entry point that, on NumPy with several threads, runs with BLAS held at one thread.
     The engine spreads its work over the cores itself (`PortEngine.by_rows`, the attention units);
     BLAS threads started by a call in between keep spinning after it and take cores from the
-    engine's threads (measured: ASL's scoring made the next layers ~50% slower)."""
+    engine's threads (a one-off measurement: ASL's scoring made the next layers ~50% slower)."""
 
     @functools.wraps(method)
     def wrapped(self, *args, **kwargs):
         if self.threads <= 1:
             return method(self, *args, **kwargs)
-        with blas_threads(1):
+        with cpu_threads.blas_threads(1):
             return method(self, *args, **kwargs)
 
     return wrapped
@@ -71,7 +72,7 @@ class PortEngine:
         gpu = is_cupy(xp)
         self.block_q = block_q or (512 if gpu else 128)
         self.block_k = block_k or (4096 if gpu else 8192)
-        self.threads = 1 if gpu else (threads or available_cores())  # CPU threads (NumPy)
+        self.threads = 1 if gpu else (threads or cpu_threads.available_cores())  # CPU threads (NumPy)
         self.row_slice = row_slice  # rows per slice of token-wise work on those threads
         self.mlp_chunk, self.decode_reserve = mlp_chunk, decode_reserve
         self.cache_dtype = weights.layers[0].wk.dtype
@@ -111,22 +112,15 @@ class PortEngine:
         """work(rows) for slices of rows covering 0..T: token-wise work (norms, projections, MLP) has
         no dependence between rows. On NumPy with several cores the slices go to the CPU threads
         (`each`), so elementwise passes use every core too; slices are at most `mlp_chunk` rows in
-        one piece, `row_slice` rows on threads: that bounds the MLP's temporaries (measured:
-        4096-row slices on two threads took SmolLM2's peak RSS at 8K tokens from 1.15 to 1.75 GB)."""
+        one piece, `row_slice` rows on threads: that bounds the MLP's temporaries (a one-off
+        measurement: 4096-row slices on two threads took SmolLM2's peak RSS at 8K tokens from 1.15 to 1.75 GB)."""
         parallel = self.threads > 1 and T >= MIN_ROWS_PER_THREAD * self.threads
         size = min(self.row_slice, -(-T // self.threads)) if parallel else self.mlp_chunk
         self.each([slice(a, min(a + size, T)) for a in range(0, T, size)], work)
 
     def each(self, items, work) -> None:
-        """work(item) for every item, which must not depend on one another: on the CPU threads with
-        BLAS held at one thread when there are several threads and items, else in order."""
-        items = list(items)
-        if self.threads <= 1 or len(items) <= 1:
-            for item in items:
-                work(item)
-            return
-        with blas_threads(1):
-            list(thread_pool(self.threads).map(work, items))  # list(): re-raises an item's exception here
+        """work(item) for independent items, on the engine's CPU threads (`gpu.threads.each`)."""
+        cpu_threads.each(work, items, self.threads)
 
     def new_cache(self, n: int, positions: np.ndarray) -> PortLayerCache:
         """An empty cache for n tokens at `positions` (filled by the caller), with room to decode."""
