@@ -77,12 +77,6 @@ def default_cases() -> list[Case]:
     return cases
 
 
-def _rounded(x) -> float | str | None:
-    if x is None or isinstance(x, str):
-        return x
-    return float(x)
-
-
 def run_case(case: Case, engine_factory=None, dtype: str = "float64") -> dict:
     """Run one case and return its golden record.
 
