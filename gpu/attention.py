@@ -64,7 +64,8 @@ def flash_attention(
     """Causal-by-position attention of every KV head's query group at once; returns (B, G, T, hd)."""
     B, G, T, hd = q.shape
     visible_end = np.searchsorted(k_pos, q_pos, side="right")  # (T,) on the host: block bounds are Python ints
-    out = xp.empty((B, G, T, hd), dtype=F32)
+    out = xp.empty((T, B, G, hd), dtype=F32).transpose(1, 2, 0, 3)  # (B, G, T, hd) over token-major memory:
+    # the caller's (T, H·hd) layout for the output projection is then a view, not a copy
     per_head = (xp is np) if per_head is None else per_head  # CPU: one KV head per unit, so units can go to threads
     heads = [slice(b, b + 1) for b in range(B)] if per_head else [slice(0, B)]
     blocks = [(a, min(a + block_q, T)) for a in range(0, T, block_q)]
@@ -168,15 +169,21 @@ class KeyBounds:
     least_sum: np.float32  # below this row sum the largest weight may have lost precision to underflow
 
     @classmethod
-    def of(cls, xp, k, v) -> KeyBounds:  # k, v (B, S, hd)
+    def of(cls, xp, k, v, chunk: int = 8192) -> KeyBounds:  # k, v (B, S, hd)
         B, S, hd = k.shape
         if S == 0:  # no visible key: nothing to bound (the rows come out 0/0, as in the reference)
             k = xp.zeros((B, 1, hd), dtype=F32)
-        k32 = k.astype(F32, copy=False)
         v_abs = max(1.0, float(v.max()), -float(v.min())) if v.size else 1.0  # max|v| without a |v| copy
+        # |k_j|² in float32, `chunk` keys at a time: a float16 cache is never copied whole to float32
+        # (8 KV heads × 128K keys × 128 would be 0.5 GB); max and min of float16 values are exact as they are
+        def largest_squared_norm(c):  # (B, 1): max |k_j|² over keys c .. c+chunk-1
+            k32 = k[:, c:c + chunk].astype(F32, copy=False)
+            return xp.einsum("bsd,bsd->bs", k32, k32).max(axis=1, keepdims=True)
+
+        squared_norm = xp.concatenate([largest_squared_norm(c) for c in range(0, k.shape[1], chunk)], axis=1)
         S = max(S, 1)
-        return cls(k_max=k32.max(axis=1)[:, None, :], k_min=k32.min(axis=1)[:, None, :],
-                   k_norm=xp.sqrt(xp.einsum("bsd,bsd->bs", k32, k32)).max(axis=1)[:, None, None],
+        return cls(k_max=k.max(axis=1).astype(F32)[:, None, :], k_min=k.min(axis=1).astype(F32)[:, None, :],
+                   k_norm=xp.sqrt(squared_norm.max(axis=1))[:, None, None],
                    exponent=float(np.log(np.finfo(F32).max)) - float(np.log(S)) - float(np.log(v_abs)) - 1.0,
                    least_sum=F32(S * 2.0**-119))  # S terms of < 2^-149 each are lost to underflow at most
 

@@ -28,7 +28,6 @@ from gpu import threads as cpu_threads
 from gpu.attention import flash_attention, flash_group_attention
 from gpu.backend import is_cupy, to_host
 from reference.checkpoint import Weights
-from reference.model import rms_norm, silu
 from reference.rope import apply_rope, rope_tables
 
 F32 = np.float32
@@ -49,6 +48,27 @@ def blas_single_threaded(method):
             return method(self, *args, **kwargs)
 
     return wrapped
+
+
+def rotate_into(out, x, cos, sin):
+    """out = x·cos + rotate_half(x)·sin (the reference's `apply_rope`, the same roundings) for x and a
+    float32 out (heads, T, hd), without the rotated copy: out1 = x1·cos1 - x2·sin1, out2 = x2·cos2 + x1·sin2."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out[...] = x * cos
+    out[..., :half] -= x2 * sin[..., :half]
+    out[..., half:] += x1 * sin[..., half:]
+
+
+def silu_times(xp, gate, up):
+    """silu(gate) · up = gate / (1 + e^-gate) · up, as the reference computes it, in place in `gate`."""
+    t = xp.negative(gate)
+    with np.errstate(over="ignore", under="ignore"):  # e^-x overflows to inf for x < -88: the right -0
+        xp.exp(t, out=t)
+    t += F32(1)
+    xp.divide(gate, t, out=gate)
+    gate *= up
+    return gate
 
 
 @dataclass
@@ -87,7 +107,12 @@ class PortEngine:
         return y if b is None else y + b.astype(F32, copy=False)
 
     def rms_norm(self, x, weight):
-        return rms_norm(x, weight, self.config.rms_norm_eps)  # the reference's, on xp arrays (float32 result)
+        """x / sqrt(mean(x²) + eps) * weight, the reference's formula in three passes over x instead of
+        five: the mean square by einsum (no x² temporary), the weight applied in place (float32 result)."""
+        mean_square = self.xp.einsum("td,td->t", x, x)[:, None] / F32(x.shape[-1])  # (T, 1)
+        h = x / self.xp.sqrt(mean_square + F32(self.config.rms_norm_eps))
+        h *= weight
+        return h
 
     def rope_tables(self, positions: np.ndarray):
         """cos, sin (T, hd) for `positions`, on the device: the reference's tables, kept for the next
@@ -98,15 +123,24 @@ class PortEngine:
             self._rope_positions = np.array(positions, copy=True)
         return self._rope
 
-    def qkv(self, x, lw, cos, sin):
-        """Projections of x (T, D), q and k rotated by the tables' rows: (H, T, hd), (H_kv, T, hd) ×2."""
-        cfg = self.config
+    def qkv(self, x, lw, cos, sin, out=None):
+        """Projections of x (T, D), q and k rotated by the tables' rows: (H, T, hd), (H_kv, T, hd) ×2,
+        written into `out` = (q, k, v) when given (prefill writes K and V straight into the cache)."""
+        cfg, xp = self.config, self.xp
         T = x.shape[0]
+        if out is None:
+            out = tuple(xp.empty((n, T, cfg.head_dim), dtype=F32) for n in
+                        (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_key_value_heads))
+        q, k, v = out
         h = self.rms_norm(x, lw.attn_norm)
-        q = self.linear(h, lw.wq, lw.bq).reshape(T, cfg.num_attention_heads, -1).transpose(1, 0, 2)  # (H, T, hd)
-        k = self.linear(h, lw.wk, lw.bk).reshape(T, cfg.num_key_value_heads, -1).transpose(1, 0, 2)  # (H_kv, T, hd)
-        v = self.linear(h, lw.wv, lw.bv).reshape(T, cfg.num_key_value_heads, -1).transpose(1, 0, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        heads = lambda y: y.reshape(T, -1, cfg.head_dim).transpose(1, 0, 2)  # (T, n·hd) -> (n, T, hd) view
+        rotate_into(q, heads(self.linear(h, lw.wq, lw.bq)), cos, sin)
+        k_rotated = k if k.dtype == F32 else xp.empty(k.shape, dtype=F32)  # rotated in float32, rounded once
+        rotate_into(k_rotated, heads(self.linear(h, lw.wk, lw.bk)), cos, sin)
+        if k_rotated is not k:
+            k[...] = k_rotated
+        v[...] = heads(self.linear(h, lw.wv, lw.bv))
+        return q, k, v
 
     def by_rows(self, T: int, work) -> None:
         """work(rows) for slices of rows covering 0..T: token-wise work (norms, projections, MLP) has
@@ -159,7 +193,7 @@ class PortEngine:
             out = flash_attention(self.xp, q.reshape(H_kv, G, T, hd), cache.k[:, :n], cache.v[:, :n], positions,
                                   cache.pos[0, :n], self.block_q, self.block_k, self.threads).reshape(H, T, hd)
         else:
-            out = self.xp.empty_like(q)
+            out = self.xp.empty((T, H, hd), dtype=F32).transpose(1, 0, 2)  # token-major, as flash_attention's
             for g in range(H_kv):
                 k, v, pos = cache.head(g)
                 out[g * G:(g + 1) * G] = flash_group_attention(self.xp, q[g * G:(g + 1) * G], k, v, positions, pos,
@@ -169,7 +203,7 @@ class PortEngine:
     def mlp(self, x, lw):
         """mlp(norm(x)) for x (T, D)."""
         h = self.rms_norm(x, lw.mlp_norm)
-        return self.linear(silu(self.linear(h, lw.w_gate)) * self.linear(h, lw.w_up), lw.w_down)
+        return self.linear(silu_times(self.xp, self.linear(h, lw.w_gate), self.linear(h, lw.w_up)), lw.w_down)
 
     # ------------------------------------------------------------ the engine interface
 
@@ -185,7 +219,7 @@ class PortEngine:
         q = xp.empty((cfg.num_attention_heads, T, cfg.head_dim), dtype=F32)
 
         def project(rows):  # K and V straight into the cache
-            q[:, rows], cache.k[:, rows], cache.v[:, rows] = self.qkv(x[rows], lw, cos[rows], sin[rows])
+            self.qkv(x[rows], lw, cos[rows], sin[rows], out=(q[:, rows], cache.k[:, rows], cache.v[:, rows]))
 
         self.by_rows(T, project)
         attended = self.attend(q, cache, positions)  # (T, H·hd)

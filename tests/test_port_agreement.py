@@ -24,6 +24,8 @@ from gpu.loader import device_copy, load_device_weights
 from reference.attention import group_attention
 from reference.conformance import FAIL, TOLERANCES, compare, record_from_trace
 from reference.generate import generate
+from reference.model import rms_norm, silu
+from reference.rope import apply_rope
 from reference.goldens import GOLDEN_DIR, default_cases, run_case
 from reference.params import Params
 from reference.trace import make_trace
@@ -126,6 +128,45 @@ def test_large_scores_take_a_shift_and_stay_exact(per_head):
     assert bounds.shift(np, scaled) is not None, "the test must exercise the shift"
     got = flash_attention(np, q, k, v, pos, pos, 8, 16, per_head=per_head)
     np.testing.assert_allclose(got, attention_in_float64(q, k, v, pos, pos), rtol=0, atol=5e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(T=st.integers(1, 40), heads=st.integers(1, 4), half=st.integers(1, 8), seed=st.integers(0, 2**31))
+def test_the_ports_elementwise_pieces_are_the_reference_formulas(T, heads, half, seed):
+    """The port computes rope, SiLU·up and RMSNorm in fewer passes (gpu/engine.py): rope and SiLU·up
+    with the reference's very roundings (so the same bits), RMSNorm with its mean square summed in
+    another order (so within a few float32 ulps). Large |x| too: SiLU's e^-x overflows below -88."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((heads, T, 2 * half)) * rng.choice([1, 100], size=(heads, T, 1))).astype(np.float32)
+    cos, sin = rng.standard_normal((2, T, 2 * half)).astype(np.float32)
+    rotated = np.empty_like(x)
+    gpu.engine.rotate_into(rotated, x, cos, sin)
+    np.testing.assert_array_equal(rotated, apply_rope(x, cos, sin))
+    gate, up = x.reshape(-1, 2 * half), x[::-1].reshape(-1, 2 * half)
+    expected = silu(gate) * up
+    np.testing.assert_array_equal(gpu.engine.silu_times(np, gate.copy(), up), expected)
+    engine = PortEngine(device_copy(random_model(seed=seed % 1000), np, "float32"), np)
+    weight = rng.standard_normal(2 * half).astype(np.float32)
+    rows = x.reshape(-1, 2 * half)
+    np.testing.assert_allclose(engine.rms_norm(rows, weight), rms_norm(rows, weight, engine.config.rms_norm_eps),
+                               rtol=4e-7, atol=1e-30)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_key_bounds_taken_in_chunks_are_the_bounds_of_all_keys(dtype):
+    """KeyBounds reads the keys `chunk` at a time (a float16 cache is never copied whole to float32):
+    the bounds must be those of every key, whatever the chunk, and the key with the largest norm may
+    sit in any chunk (here the last, and alone in it)."""
+    rng = np.random.default_rng(3)
+    k = rng.standard_normal((2, 23, 8)).astype(dtype)
+    k[1, -1] = 9.0  # head 1's largest key is the very last one
+    v = rng.standard_normal((2, 23, 8)).astype(dtype)
+    k64 = k.astype(np.float64)
+    for chunk in (1, 5, 22, 23, 1000):
+        bounds = KeyBounds.of(np, k, v, chunk=chunk)
+        np.testing.assert_array_equal(bounds.k_max[:, 0], k64.max(axis=1))
+        np.testing.assert_array_equal(bounds.k_min[:, 0], k64.min(axis=1))
+        np.testing.assert_allclose(bounds.k_norm[:, 0, 0], np.sqrt((k64 * k64).sum(-1)).max(axis=1), rtol=1e-6)
 
 
 @pytest.mark.parametrize("per_head", [True, False], ids=["cpu-units", "gpu-units"])
