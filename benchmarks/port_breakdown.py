@@ -1,6 +1,6 @@
 """Where the NumPy port's time goes, SmolLM2's shapes, float32: the numbers docs/benchmarks.md quotes.
 
-    python benchmarks/port_breakdown.py [--tokens 4096] [--rounds 5]
+    python benchmarks/port_breakdown.py [--tokens 4096] [--rounds 5] [--phases]
 
 1. One layer's attention (9 query heads on 3 KV heads, head size 64, causal,
    N tokens, random inputs): the port on one thread, the port on every
@@ -8,12 +8,17 @@
 2. The MLP's GEMM (1024 x 576 @ 576 x 1536) with BLAS held at one thread,
    alone and on two threads at once: the port's GEMM rate per thread.
 Each is timed `rounds` times in a block of its own, after one untimed run; the best time is shown.
+3. With --phases (needs SmolLM2: `make smollm2`): `rounds` real prefills of N tokens of the
+   passkey prompt on the port, split into its three phases per layer (projections and rope,
+   attention, output projection and MLP) and the thread time that sat idle at the end of each
+   phase, waiting for the other threads to finish theirs. Each prefill is shown.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -82,14 +87,77 @@ def gemm(rounds: int) -> None:
     print(f"  {'two threads at once':>28}: {2 * flops / pair / 1e9:.0f} GFLOP/s in all")
 
 
+def phases(n: int, rounds: int) -> None:
+    import gpu.attention
+    import gpu.engine
+    import gpu.threads
+    from gpu.loader import load_device_weights
+    from reference.fetch import resolve_model
+    from reference.methods import run_prefill
+    from reference.prompts import passkey_prompt
+    from reference.tokenizer import load_tokenizer
+
+    model_dir = resolve_model("smollm2")
+    ids = passkey_prompt(load_tokenizer(model_dir), n + 200, seed=0, chat=False).ids[:n]
+    engine = gpu.engine.PortEngine(load_device_weights(model_dir, np, "float32", progress=False)[0], np)
+    wall: dict[str, float] = {}
+    idle = [0.0]
+    run_each = gpu.threads.each
+
+    def timed_each(work, items, threads):  # the thread time each call's pool spends outside `work`
+        items = list(items)
+        busy, lock = [0.0], threading.Lock()
+
+        def timed(item):
+            start = time.perf_counter()
+            work(item)
+            with lock:
+                busy[0] += time.perf_counter() - start
+
+        start = time.perf_counter()
+        run_each(timed, items, threads)
+        idle[0] += (time.perf_counter() - start) * min(threads, len(items)) - busy[0]
+
+    def phase(name, method):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            result = method(*args, **kwargs)
+            wall[name] = wall.get(name, 0.0) + time.perf_counter() - start
+            return result
+        return timed
+
+    by_rows = engine.by_rows
+    engine.by_rows = lambda T, work: phase(work.__name__, by_rows)(T, work)  # "project" and "finish" in layer()
+    engine.attend = phase("attention", engine.attend)
+    gpu.threads.each = gpu.attention.each = timed_each
+    try:
+        run_prefill(None, ids[:64], "full", engine=engine)
+        print(f"a full prefill of {n} tokens on the port, {engine.threads} threads, by phase (wall s):")
+        for _ in range(rounds):
+            wall.clear()
+            idle[0] = 0.0
+            start = time.perf_counter()
+            run_prefill(None, ids, "full", engine=engine)
+            total = time.perf_counter() - start
+            print(f"  total {total:.2f}: projections {wall['project']:.2f}, attention {wall['attention']:.2f}, "
+                  f"output projection + MLP {wall['finish']:.2f}; thread time idle at phase ends "
+                  f"{idle[0]:.2f} s ({idle[0] / (total * engine.threads):.0%} of {engine.threads} threads' time)")
+    finally:
+        gpu.threads.each = gpu.attention.each = run_each
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--phases", action="store_true",
+                        help="also time a real SmolLM2 prefill phase by phase (needs `make smollm2`)")
     args = parser.parse_args()
     print(f"numpy {np.__version__}, {available_cores()} cores, float32")
     attention(args.tokens, args.rounds)
     gemm(max(args.rounds, 20))
+    if args.phases:
+        phases(args.tokens, args.rounds)
     return 0
 
 
