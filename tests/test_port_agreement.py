@@ -24,10 +24,10 @@ from gpu.loader import device_copy, load_device_weights
 from reference.attention import group_attention
 from reference.conformance import FAIL, TOLERANCES, compare, record_from_trace
 from reference.generate import generate
-from reference.model import rms_norm, silu
-from reference.rope import apply_rope
 from reference.goldens import GOLDEN_DIR, default_cases, run_case
+from reference.model import rms_norm, silu
 from reference.params import Params
+from reference.rope import apply_rope
 from reference.trace import make_trace
 from tests.model_factory import random_model
 
