@@ -10,8 +10,9 @@
 Each is timed `rounds` times in a block of its own, after one untimed run; the best time is shown.
 3. With --phases (needs SmolLM2: `make smollm2`): `rounds` real prefills of N tokens of the
    passkey prompt on the port, split into its three phases per layer (projections and rope,
-   attention, output projection and MLP) and the thread time that sat idle at the end of each
-   phase, waiting for the other threads to finish theirs. Each prefill is shown.
+   attention, output projection and MLP), the thread time that sat idle at the end of each
+   phase, waiting for the other threads to finish theirs, and how many KV heads' attention calls
+   needed no per-row softmax shift (`KeyBounds.for_queries`). Each prefill is shown.
 """
 
 from __future__ import annotations
@@ -88,21 +89,27 @@ def gemm(rounds: int) -> None:
 
 
 def phases(n: int, rounds: int) -> None:
+    # this folder's prefill benchmark: the same prompt and the same engine
+    from prefill_smollm2 import port_engine, prompt_ids
+
     import gpu.attention
-    import gpu.engine
     import gpu.threads
-    from gpu.loader import load_device_weights
     from reference.fetch import resolve_model
     from reference.methods import run_prefill
-    from reference.prompts import passkey_prompt
-    from reference.tokenizer import load_tokenizer
 
     model_dir = resolve_model("smollm2")
-    ids = passkey_prompt(load_tokenizer(model_dir), n + 200, seed=0, chat=False).ids[:n]
-    engine = gpu.engine.PortEngine(load_device_weights(model_dir, np, "float32", progress=False)[0], np)
+    ids = prompt_ids(model_dir, n)
+    engine = port_engine(model_dir)
     wall: dict[str, float] = {}
     idle = [0.0]
-    run_each = gpu.threads.each
+    quiet = [0, 0]  # KV heads whose attention call needs no per-row shift, of all calls' KV heads
+    run_each, for_queries = gpu.threads.each, gpu.attention.KeyBounds.for_queries
+
+    def counted_for_queries(self, *args):
+        bounds = for_queries(self, *args)
+        quiet[0] += int(bounds.quiet.sum())
+        quiet[1] += len(bounds.quiet)
+        return bounds
 
     def timed_each(work, items, threads):  # the thread time each call's pool spends outside `work`
         items = list(items)
@@ -130,20 +137,23 @@ def phases(n: int, rounds: int) -> None:
     engine.by_rows = lambda T, work: phase(work.__name__, by_rows)(T, work)  # "project" and "finish" in layer()
     engine.attend = phase("attention", engine.attend)
     gpu.threads.each = gpu.attention.each = timed_each
+    gpu.attention.KeyBounds.for_queries = counted_for_queries
     try:
         run_prefill(None, ids[:64], "full", engine=engine)
         print(f"a full prefill of {n} tokens on the port, {engine.threads} threads, by phase (wall s):")
         for _ in range(rounds):
             wall.clear()
-            idle[0] = 0.0
+            idle[0], quiet[:] = 0.0, [0, 0]
             start = time.perf_counter()
             run_prefill(None, ids, "full", engine=engine)
             total = time.perf_counter() - start
             print(f"  total {total:.2f}: projections {wall['project']:.2f}, attention {wall['attention']:.2f}, "
                   f"output projection + MLP {wall['finish']:.2f}; thread time idle at phase ends "
-                  f"{idle[0]:.2f} s ({idle[0] / (total * engine.threads):.0%} of {engine.threads} threads' time)")
+                  f"{idle[0]:.2f} s ({idle[0] / (total * engine.threads):.0%} of {engine.threads} threads' time); "
+                  f"KV heads needing no shift: {quiet[0]} of {quiet[1]}")
     finally:
         gpu.threads.each = gpu.attention.each = run_each
+        gpu.attention.KeyBounds.for_queries = for_queries
 
 
 def main() -> int:

@@ -45,14 +45,20 @@ def run_reference(model_dir, ids, repeats: int) -> float:
     return min(times)
 
 
-def run_port(model_dir, ids, repeats: int) -> float:
+def port_engine(model_dir):
+    """The port on NumPy with float32 weights, as every port benchmark here runs it."""
     import numpy as np
 
     from gpu.engine import PortEngine
     from gpu.loader import load_device_weights
+
+    return PortEngine(load_device_weights(model_dir, np, "float32", progress=False)[0], np)
+
+
+def run_port(model_dir, ids, repeats: int) -> float:
     from reference.methods import run_prefill
 
-    engine = PortEngine(load_device_weights(model_dir, np, "float32", progress=False)[0], np)
+    engine = port_engine(model_dir)
     run_prefill(None, ids[:64], "full", engine=engine)
     times = []
     for _ in range(repeats):
@@ -128,10 +134,6 @@ def asl_vs_full(tokens: list[int], repeats: int) -> int:
     pairs' savings (the machine's speed drifts between minutes; a pair sees the same machine)."""
     import statistics
 
-    import numpy as np
-
-    from gpu.engine import PortEngine
-    from gpu.loader import load_device_weights
     from reference.fetch import resolve_model
     from reference.methods import run_prefill
     from reference.params import Params
@@ -140,7 +142,7 @@ def asl_vs_full(tokens: list[int], repeats: int) -> int:
 
     model_dir = resolve_model("smollm2")
     params = Params(tau=0.3, l_min=10, l_obs=8, window=32, kernel=7, select_k=256)
-    engine = PortEngine(load_device_weights(model_dir, np, "float32", progress=False)[0], np)
+    engine, tok = port_engine(model_dir), load_tokenizer(model_dir)
     print(f"port on NumPy, {engine.threads} threads; {params}; median of {repeats} pairs")
     layer_seconds = []  # every engine.layer call of the current run: the rest of a run is ASL's own work
     layer = engine.layer
@@ -155,7 +157,7 @@ def asl_vs_full(tokens: list[int], repeats: int) -> int:
     print(f"{'tokens':>7} {'full s':>8} {'asl s':>8} {'layer':>6} {'time saved':>11} {'(pairs)':>15} {'FLOPs saved':>12} "
           f"{'ratio':>6} {'asl between layers s':>21} {'layers from the selection on s (full / asl)':>44}")
     for n in tokens:
-        ids = passkey_prompt(load_tokenizer(model_dir), n, seed=0).ids
+        ids = passkey_prompt(tok, n, seed=0).ids
         run_prefill(None, ids[:64], "full", engine=engine)  # warm-up
         seconds, result, between, tail = {"full": [], "asl": []}, {}, [], {"full": [], "asl": []}
         for _ in range(repeats):

@@ -77,10 +77,11 @@ def flash_attention(
     bounds = KeyBounds.of(xp, k, v).for_queries(xp, q, F32(1.0 / float(np.sqrt(hd)))) if G * T >= hd else None
     # In the CPU layout the row sums Σ e^(s - shift) come out of the value GEMM: with a column of ones after v,
     # the product's last column is that sum, and no pass over the scores is needed for it (3-8% of a layer's
-    # attention, measured at 1K-8K). Not in the GPU layout: a hd+1-wide operand costs a GPU GEMM a partial
+    # attention at 1K-8K in a one-off A/B against the code before). Not in the GPU layout: a hd+1-wide operand costs a GPU GEMM a partial
     # tile, likely more than the sum it saves (not measured yet).
     v_ones = (xp.concatenate([v, xp.ones(v.shape[:-1] + (1,), dtype=v.dtype)], axis=-1)
               if bounds is not None and per_head else None)
+    head_bounds = {h.start: bounds and bounds.heads(h) for h in heads}  # once per head, not once per unit
 
     def run(unit):
         h, a, b = unit
@@ -88,7 +89,7 @@ def flash_attention(
             n_heads = h.stop - h.start
             scratch.buffer = xp.empty(n_heads * G * min(block_q, T) * min(block_k, int(visible_end[-1])), dtype=F32)
         out[h, :, a:b] = query_block(xp, q[h, :, a:b], k[h], v[h], q_pos[a:b], k_pos, visible_end[a:b], block_k,
-                                     scratch.buffer, bounds and bounds.heads(h), None if v_ones is None else v_ones[h])
+                                     scratch.buffer, head_bounds[h.start], None if v_ones is None else v_ones[h])
 
     each(run, units, threads if per_head and B * G * T * int(visible_end[-1]) >= MIN_THREADED_SCORES else 1)
     return out
@@ -206,7 +207,8 @@ class KeyBounds:
         """The bounds for a call whose queries are q (B, G, T, hd), scaled by `scale` in the scores. A KV
         head whose largest query norm times its largest key norm (Cauchy-Schwarz over all of its rows at
         once) stays a nat below E needs no shift in any row: `shift` then costs nothing there. One pass
-        over q; in SmolLM2's 1K prefill 83 of 90 KV heads (3 per layer) are quiet."""
+        over q; in SmolLM2's 1K prefill 83 of 90 KV heads (3 per layer) are quiet
+        (`benchmarks/port_breakdown.py --tokens 1024 --phases` counts them)."""
         q_norm = xp.sqrt(xp.einsum("bgtd,bgtd->bgt", q, q).reshape(q.shape[0], -1).max(axis=1)) * scale  # (B,)
         bound = q_norm * self.k_norm[:, 0, 0]
         quiet = bound < F32(self.exponent - 1.0)  # the nat of slack covers the roundings of the two norms

@@ -51,8 +51,12 @@ def blas_single_threaded(method):
 
 
 def rotate_into(out, x, cos, sin):
-    """out = x·cos + rotate_half(x)·sin (the reference's `apply_rope`, the same roundings) for x and a
-    float32 out (heads, T, hd), without the rotated copy: out1 = x1·cos1 - x2·sin1, out2 = x2·cos2 + x1·sin2."""
+    """out = x·cos + rotate_half(x)·sin (the reference's `apply_rope`, the same roundings) for x and out
+    (heads, T, hd), without the rotated copy: out1 = x1·cos1 - x2·sin1, out2 = x2·cos2 + x1·sin2.
+    An out of another dtype than x (a float16 cache) gets the rotation in x's dtype, rounded once."""
+    if out.dtype != x.dtype:
+        out[...] = apply_rope(x, cos, sin)
+        return
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     out[...] = x * cos
@@ -135,10 +139,7 @@ class PortEngine:
         h = self.rms_norm(x, lw.attn_norm)
         heads = lambda y: y.reshape(T, -1, cfg.head_dim).transpose(1, 0, 2)  # (T, n·hd) -> (n, T, hd) view
         rotate_into(q, heads(self.linear(h, lw.wq, lw.bq)), cos, sin)
-        k_rotated = k if k.dtype == F32 else xp.empty(k.shape, dtype=F32)  # rotated in float32, rounded once
-        rotate_into(k_rotated, heads(self.linear(h, lw.wk, lw.bk)), cos, sin)
-        if k_rotated is not k:
-            k[...] = k_rotated
+        rotate_into(k, heads(self.linear(h, lw.wk, lw.bk)), cos, sin)
         v[...] = heads(self.linear(h, lw.wv, lw.bv))
         return q, k, v
 

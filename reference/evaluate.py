@@ -37,15 +37,15 @@ def read_results(out: Path) -> list[dict]:
     path = out / RESULTS
     if not path.is_file():
         return []
-    rows, good = [], []
-    for line in path.read_text().splitlines():
+    lines = path.read_text().splitlines()
+    rows = []
+    for line in lines:
         try:
             rows.append(json.loads(line))
-            good.append(line)
         except json.JSONDecodeError:
             break  # only the line in flight can be incomplete
-    if len(good) != len(path.read_text().splitlines()):
-        path.write_text("".join(g + "\n" for g in good))
+    if len(rows) != len(lines):
+        path.write_text("".join(line + "\n" for line in lines[: len(rows)]))
     return rows
 
 
