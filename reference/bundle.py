@@ -122,36 +122,57 @@ def read_inputs(bundle: Path, case: str) -> dict:
 # ---------------------------------------------------------------- checking
 
 
+INCOMPLETE = "INCOMPLETE"  # decisions agree, but a check could not run for want of the candidate's arrays
+NOT_CHECKED = "NOT-CHECKED"  # left out by a method filter: neither passed nor failed
+ERROR = "ERROR"  # missing or malformed candidate
+PASSING = ("PASS", "PASS-within-tolerance")
+
+
 @dataclass
 class CaseResult:
     case: str
-    verdict: str  # PASS, PASS-within-tolerance, FAIL, or ERROR (missing or malformed candidate)
-    findings: list = field(default_factory=list)
-    error: str | None = None
+    verdict: str  # PASS, PASS-within-tolerance, FAIL, INCOMPLETE, NOT-CHECKED or ERROR
+    findings: list = field(default_factory=list)  # FAIL / near-tie findings, then notes (verdict "NOTE")
+    error: str | None = None  # ERROR: what is wrong; NOT-CHECKED: why it was left out
+    unchecked: list = field(default_factory=list)  # what could not be checked (no arrays)
+
+    @property
+    def notes(self) -> list:
+        return [f for f in self.findings if f.verdict == "NOTE"]
 
     def line(self) -> str:
         if self.error:
-            return f"{self.case:<34} ERROR  {self.error}"
-        if not self.findings:
-            return f"{self.case:<34} {self.verdict}"
-        f = self.findings[0] if self.verdict != "FAIL" else next(x for x in self.findings if x.verdict == "FAIL")
-        where = ", ".join(x for x in (f"layer {f.layer}" if f.layer is not None else "",
-                                      f"position {f.position}" if f.position is not None else "") if x)
-        margin = "" if f.margin is None else f" (margin {f.margin:.3g})"
-        return f"{self.case:<34} {self.verdict}  {f.field}{' at ' + where if where else ''}: {f.message}{margin}"
+            return f"{self.case:<34} {self.verdict}  {self.error}"
+        text = f"{self.case:<34} {self.verdict}"
+        decisive = [f for f in self.findings if f.verdict != "NOTE"]
+        if decisive:
+            f = next((x for x in decisive if x.verdict == "FAIL"), decisive[0])
+            where = ", ".join(x for x in (f"layer {f.layer}" if f.layer is not None else "",
+                                          f"position {f.position}" if f.position is not None else "",
+                                          f"step {f.step}" if f.step is not None else "") if x)
+            margin = "" if f.margin is None else f" (margin {f.margin:.3g})"
+            text += f"  {f.field}{' at ' + where if where else ''}: {f.message}{margin}"
+        if self.unchecked:
+            why = ("decisions only, as asked" if self.verdict != INCOMPLETE else
+                   "the candidate has no arrays (.npz); supply them, or pass --decisions-only to accept this")
+            text += f"\n{'':<34}   not checked ({why}): " + "; ".join(self.unchecked)
+        for n in self.notes:
+            text += f"\n{'':<34}   note: {n.field}: {n.message}"
+        return text
 
     def to_dict(self) -> dict:
-        return {"case": self.case, "verdict": self.verdict, "error": self.error,
+        return {"case": self.case, "verdict": self.verdict, "error": self.error, "unchecked": self.unchecked,
                 "findings": [vars(f) for f in self.findings]}
 
 
-def check_trace(expected_path: Path, candidate, dtype: str | None = None) -> CaseResult:
+def check_trace(expected_path: Path, candidate, dtype: str | None = None, decisions_only: bool = False) -> CaseResult:
     """Judge one candidate (a trace path, or a (trace, arrays) pair) against one expected trace,
-    with the tolerances of `dtype` (default: the less precise of the two traces' dtypes)."""
-    from reference.conformance import TOLERANCES, compare, record_from_trace
-    from reference.trace import load_trace
+    with the tolerances of `dtype` (default: the less precise of the two traces' dtypes).
 
-    from reference.trace import validate_trace
+    A candidate without arrays is INCOMPLETE (never a PASS) unless decisions_only: then its decisions
+    are judged and the result lists what could not be checked."""
+    from reference.conformance import FAIL, TOLERANCES, compare, record_from_trace, unchecked
+    from reference.trace import load_trace, validate_trace
 
     case = expected_path.name.removesuffix(".trace.json")
     expected, expected_arrays = load_trace(expected_path)
@@ -162,24 +183,46 @@ def check_trace(expected_path: Path, candidate, dtype: str | None = None) -> Cas
             got, got_arrays = candidate if isinstance(candidate, tuple) else (candidate, {})
             validate_trace(got, got_arrays or None, f"candidate trace of {case}")
     except OracleError as e:
-        return CaseResult(case, "ERROR", error=str(e))
-    problems = [k for k in ("prompt_ids", "method") if got.get(k) != expected.get(k)]
+        return CaseResult(case, ERROR, error=str(e))
+    problems = [k for k in ("prompt_ids", "method", "params") if got.get(k) != expected.get(k)]
+    if got["model"]["vocab_size"] != expected["model"]["vocab_size"]:
+        problems.append("model.vocab_size")
     if problems:
-        return CaseResult(case, "ERROR", error=f"the candidate ran other inputs ({', '.join(problems)} differ)")
+        return CaseResult(case, ERROR, error=f"the candidate ran other inputs ({', '.join(problems)} differ from the "
+                                             f"bundle's {case}.inputs.json)")
     looser = max(expected["dtype"], got["dtype"], key=["float64", "float32", "float16"].index)
     tol = TOLERANCES[dtype or looser]  # the less precise side sets the tolerance
-    verdict, findings = compare(record_from_trace(expected, expected_arrays), record_from_trace(got, got_arrays), tol)
-    return CaseResult(case, verdict, findings)
+    got_record = record_from_trace(got, got_arrays)
+    verdict, findings = compare(record_from_trace(expected, expected_arrays), got_record, tol)
+    missing = unchecked(got_record)
+    if missing and verdict != FAIL and not decisions_only:
+        verdict = INCOMPLETE
+    return CaseResult(case, verdict, findings, unchecked=missing)
 
 
-def check(candidate_dir: Path, bundle: Path, dtype: str | None = None) -> list[CaseResult]:
-    """Every case of the bundle against the candidate directory's trace of the same name."""
+def check(candidate_dir: Path, bundle: Path, dtype: str | None = None, methods=None,
+          decisions_only: bool = False) -> list[CaseResult]:
+    """Every case of the bundle against the candidate directory's trace of the same name.
+
+    methods: judge only the cases of these methods; the others are NOT-CHECKED (listed, not passed)."""
+    from reference.params import METHODS
+
     manifest = read_manifest(bundle)
+    unknown = sorted(set(methods or ()) - set(METHODS))
+    if unknown:
+        raise OracleError(f"--methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     results = []
     for case in manifest["cases"]:
+        method = read_inputs(bundle, case).get("method")
+        if methods and method not in methods:
+            results.append(CaseResult(case, NOT_CHECKED, error=f"method {method} is not among --methods "
+                                                                f"{','.join(methods)}"))
+            continue
         candidate = Path(candidate_dir) / f"{case}.trace.json"
         if not candidate.is_file():
-            results.append(CaseResult(case, "ERROR", error=f"missing: {candidate} (name it as the bundle does)"))
+            results.append(CaseResult(case, ERROR, error=f"missing: {candidate} (name it as the bundle does)"))
             continue
-        results.append(check_trace(Path(bundle) / f"{case}.trace.json", candidate, dtype))
+        results.append(check_trace(Path(bundle) / f"{case}.trace.json", candidate, dtype, decisions_only))
+    if methods and all(r.verdict == NOT_CHECKED for r in results):
+        raise OracleError(f"--methods {','.join(methods)}: no case of {bundle} uses these methods; nothing to check")
     return results

@@ -184,17 +184,24 @@ def cmd_golden(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from reference.bundle import check
+    from reference.bundle import NOT_CHECKED, PASSING, check
+    from reference.mutations import self_test
 
-    results = check(Path(args.candidate), Path(args.golden), args.dtype)
+    if args.self_test:
+        return self_test(progress=not args.json)
+    if args.candidate is None or args.golden is None:
+        raise OracleError("asl check needs CANDIDATE and --golden BUNDLE (or --self-test)")
+    methods = _csv(args.methods) if args.methods else None
+    results = check(Path(args.candidate), Path(args.golden), args.dtype, methods, args.decisions_only)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=1, default=str))
     else:
         for r in results:
             print(r.line())
-        counts = {v: sum(r.verdict == v for r in results) for v in ("PASS", "PASS-within-tolerance", "FAIL", "ERROR")}
-        print("summary: " + ", ".join(f"{n} {v}" for v, n in counts.items()))
-    return 0 if all(r.verdict in ("PASS", "PASS-within-tolerance") for r in results) else 1
+        verdicts = ("PASS", "PASS-within-tolerance", "FAIL", "INCOMPLETE", "ERROR", NOT_CHECKED)
+        counts = {v: sum(r.verdict == v for r in results) for v in verdicts}
+        print("summary: " + ", ".join(f"{n} {v}" for v, n in counts.items() if n or v in verdicts[:3]))
+    return 0 if all(r.verdict in PASSING or r.verdict == NOT_CHECKED for r in results) else 1
 
 
 def _csv(text: str, kind=str) -> list:
@@ -349,9 +356,21 @@ def build_parser() -> argparse.ArgumentParser:
     ck = sub.add_parser("check", help="check a candidate's traces against a golden bundle",
                         description="Compare CANDIDATE/CASE.trace.json with each case of the bundle under the "
                                     "tolerance policy (docs/conformance.md): PASS, PASS-within-tolerance or FAIL "
-                                    "with the first divergence. Exit status 0 only when every case passes.")
-    ck.add_argument("candidate", help="directory of the candidate's traces, named as the bundle names its cases")
-    ck.add_argument("--golden", required=True, help="the bundle directory written by `asl golden`")
+                                    "with the first divergence; INCOMPLETE when the candidate lacks the arrays a "
+                                    "rule needs; NOT-CHECKED for cases left out by --methods. Exit status 0 only when "
+                                    "every checked case passes.")
+    ck.add_argument("candidate", nargs="?", help="directory of the candidate's traces, named as the bundle names "
+                                                 "its cases")
+    ck.add_argument("--golden", help="the bundle directory written by `asl golden`")
+    ck.add_argument("--methods", help="judge only the cases of these methods (comma-separated, e.g. snapkv); the "
+                                      "others are listed as NOT-CHECKED, neither passed nor failed")
+    ck.add_argument("--decisions-only", action="store_true",
+                    help="accept candidates without arrays (.npz): judge their decisions and list what could not be "
+                         "checked (the tie rule, SnapKV's cached positions, logits); without it such a case is "
+                         "INCOMPLETE and the exit status is 1")
+    ck.add_argument("--self-test", action="store_true",
+                    help="check the checker: plant each bug of the mutation catalogue (docs/conformance.md) in the "
+                         "reference, run both tiny default bundles, and print which field caught it")
     ck.add_argument("--dtype", choices=["float16", "float32", "float64"], default=None,
                     help="tolerances for this dtype (default: the less precise of the candidate's and the bundle's)")
     ck.add_argument("--json", action="store_true", help="machine-readable results")

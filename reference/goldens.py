@@ -73,6 +73,15 @@ def default_cases() -> list[Case]:
             Case(f"{model}-edge-2pass-never-fires", model, "asl-2pass", 150, {"tau": 1e-9}),
             Case(f"{model}-edge-tau-above-1", model, "asl", 150, {"tau": 1.5}),  # fires at L_min
             Case(f"{model}-edge-v0-zero", model, "asl", 5),  # one prefix token: every rank is 1, V0 = v = 0
+            # the criterion is exact: the ratio at L_min is exactly 1, so τ = 1 cannot fire there ...
+            Case(f"{model}-edge-tau-at-ratio", model, "asl", 150, {"tau": 1.0}),
+            # ... and τ = the next float above 1 always does
+            Case(f"{model}-edge-tau-above-ratio", model, "asl", 150, {"tau": float(np.nextafter(1.0, 2.0))}),
+            # exact ties: wide max pooling makes plateaus at SnapKV's boundary, under a budget too
+            Case(f"{model}-snapkv-ties", model, "snapkv", 150, {"kv_budget": 40, "pooling": "max", "kernel": 15}),
+            Case(f"{model}-asl-kv-budget-ties", model, "asl", 150, {"kv_budget": 40, "pooling": "max", "kernel": 9}),
+            # N = 3 under GemFilter's width-5 pooling: every window holds the whole prompt, all scores tie
+            Case(f"{model}-edge-gemfilter-ties", model, "gemfilter", 3, {"window": 1, "select_k": 2}),
         ]
     return cases
 
@@ -105,6 +114,7 @@ def run_case(case: Case, engine_factory=None, dtype: str = "float64") -> dict:
     record = record_from_trace(trace, arrays, score_layers=shown)
     last = str(weights.config.num_hidden_layers - 1)
     record["kv_positions"] = {last: record["kv_positions"][last]}
+    record["kv_scores"] = {l: s for l, s in record["kv_scores"].items() if l == last}
     record["logits"] = np.round(np.asarray(record["logits"]), LOGIT_DECIMALS).tolist()
     record = _significant(record)
     return {
@@ -144,7 +154,8 @@ def golden_text(record: dict) -> str:
                 lines += [f"{indent} {one(e)}," for e in value]
                 lines[-1] = lines[-1].rstrip(",")
                 lines.append(f"{indent}]")
-            elif isinstance(value, dict) and key in ("expected", "ranks", "scores", "first_pass_scores", "kv_positions"):
+            elif isinstance(value, dict) and key in ("expected", "ranks", "scores", "first_pass_ranks",
+                                                     "first_pass_scores", "kv_positions", "kv_scores"):
                 lines.append(f'{indent}"{key}": {{')
                 lines += block(value, indent + " ")
                 lines.append(f"{indent}}}")

@@ -53,6 +53,7 @@ class LayerRecord:
     ratio: float | None = None
     margin: float | None = None  # ratio - τ
     kv_boundary_gaps: list[float | None] | None = None  # SnapKV at this layer: per KV head, its boundary gap
+    kv_scores: np.ndarray | None = None  # SnapKV at this layer: score_g per KV head over the prefix rows (H_kv, n-w)
 
     @property
     def kv_tokens(self) -> list[int]:
@@ -98,16 +99,16 @@ def qk_flops(cfg: Config, n: int) -> int:
 # ---------------------------------------------------------------- SnapKV
 
 
-def snapkv_keep(p_heads: np.ndarray, group_size: int, budget: int, window: int) -> tuple[list[np.ndarray], list]:
+def snapkv_keep(p_heads: np.ndarray, group_size: int, budget: int, window: int):
     """Per KV head: its B - w best prefix tokens by score_g plus the window (used when n > B).
 
-    Returns the kept rows per head, ascending, and each head's boundary gap
-    (the margin of its keep/drop decision).
+    Returns the kept rows per head, ascending, each head's boundary gap (the
+    margin of its keep/drop decision) and the scores score_g (H_kv, n-w) it decided on.
     """
     score_g = group_scores(p_heads, group_size)  # (H_kv, n-w)
     n = score_g.shape[1] + window
     keep = [kept_with_window(best(s, budget - window), n, window) for s in score_g]  # each (B,)
-    return keep, [boundary_gap(s, budget - window) for s in score_g]
+    return keep, [boundary_gap(s, budget - window) for s in score_g], score_g
 
 
 # ---------------------------------------------------------------- the layer loop
@@ -159,7 +160,7 @@ def one_pass(engine, ids: np.ndarray, p: Params, selector: str | None, stop_at_s
         if p.kv_budget is not None and n > p.kv_budget:
             if p_heads is None:
                 p_heads = engine.head_scores(q, cache, p.kernel, p.pooling)
-            keep, record.kv_boundary_gaps = snapkv_keep(p_heads, G, p.kv_budget, w)
+            keep, record.kv_boundary_gaps, record.kv_scores = snapkv_keep(p_heads, G, p.kv_budget, w)
             cache = engine.compress(cache, keep)
         record.kv_positions = engine.positions(cache)
         records.append(record)

@@ -12,9 +12,12 @@ Installed with asl-oracle (entry point `pytest11`). In your test file:
 Each case of the bundle becomes one test (its id is the case name). The
 returned trace is checked with `reference.bundle.check_trace`, i.e. the
 tolerance policy of docs/conformance.md at the trace's dtype (or the marker's
-`dtype=`); a FAIL or a malformed trace fails the test with the checker's
-diagnosis. A function without the marker, or without an `asl_case` argument,
-is left alone.
+`dtype=`); a FAIL, a malformed trace, or a trace without its arrays (INCOMPLETE)
+fails the test with the checker's diagnosis. `methods=("snapkv",)` checks only
+the cases of those methods: the others are SKIPPED as not checked, never passed;
+`decisions_only=True` accepts traces without arrays (what could not be checked
+is printed with the result). A function without the marker, or without an
+`asl_case` argument, is left alone.
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ from pathlib import Path
 
 import pytest
 
-from reference.bundle import check_trace, read_inputs, read_manifest
+from reference.bundle import PASSING, check_trace, read_inputs, read_manifest
+from reference.params import METHODS
 
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "asl_oracle(bundle, dtype=None): parametrize over a golden bundle's cases (arg asl_case) "
-                   "and check the returned trace against each")
+        "markers", "asl_oracle(bundle, dtype=None, methods=None, decisions_only=False): parametrize over a golden "
+                   "bundle's cases (arg asl_case) and check the returned trace against each")
 
 
 def _bundle(marker) -> Path:
@@ -47,8 +51,19 @@ def pytest_generate_tests(metafunc):
     if not bundle.is_absolute():
         bundle = Path(metafunc.config.rootpath) / bundle
     names = read_manifest(bundle)["cases"]
-    cases = [dict(read_inputs(bundle, name), bundle=str(bundle)) for name in names]
-    metafunc.parametrize("asl_case", cases, ids=names)
+    methods = marker.kwargs.get("methods")
+    unknown = sorted(set(methods or ()) - set(METHODS))
+    if unknown:
+        raise pytest.UsageError(f"@pytest.mark.asl_oracle(methods=...): unknown method(s) {', '.join(unknown)}; "
+                                f"choose from {', '.join(METHODS)}")
+    cases = []
+    for name in names:
+        case = dict(read_inputs(bundle, name), bundle=str(bundle))
+        skip = methods is not None and case["method"] not in methods
+        marks = [pytest.mark.skip(reason=f"not checked: method {case['method']} is not among methods={tuple(methods)}")
+                 ] if skip else []
+        cases.append(pytest.param(case, id=name, marks=marks))
+    metafunc.parametrize("asl_case", cases)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -63,7 +78,9 @@ def pytest_pyfunc_call(pyfuncitem):
                     "(a dict, a (trace, arrays) pair, or a trace file path)", pytrace=False)
     case = pyfuncitem.funcargs["asl_case"]
     expected = Path(case["bundle"]) / f"{case['case']}.trace.json"
-    result = check_trace(expected, candidate, marker.kwargs.get("dtype"))
-    if result.verdict not in ("PASS", "PASS-within-tolerance"):
+    result = check_trace(expected, candidate, marker.kwargs.get("dtype"), bool(marker.kwargs.get("decisions_only")))
+    if result.verdict not in PASSING:
         pytest.fail(result.line(), pytrace=False)
+    if result.unchecked or result.notes:
+        print(result.line())  # shown with -rP / -s: what was not checked, and the notes
     return True

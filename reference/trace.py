@@ -153,6 +153,8 @@ def make_trace(
     for rec in run.layers:
         for g, pos in enumerate(rec.kv_positions):
             arrays[f"kv_positions/{rec.layer}/{g}"] = np.asarray(pos, dtype=np.int64)  # (S,)
+        for g, score in enumerate(rec.kv_scores if rec.kv_scores is not None else []):
+            arrays[f"kv_scores/{rec.layer}/{g}"] = np.asarray(score)  # (n-w,): SnapKV's score_g, by the layer's rows
     return trace, arrays
 
 
@@ -203,7 +205,8 @@ def _check_schema(doc: dict) -> None:
     raise _Invalid(error.json_path, error.message + expected)
 
 
-def _check_layers(entries: list[dict], where: str, model: dict, max_tokens: int, first_pass: bool) -> None:
+def _check_layers(entries: list[dict], where: str, doc: dict, max_tokens: int, first_pass: bool) -> None:
+    model, budget = doc["model"], doc["params"]["kv_budget"]
     H_kv = model["num_key_value_heads"]
     for i, e in enumerate(entries):
         at = f"{where}[{i}]"
@@ -220,6 +223,12 @@ def _check_layers(entries: list[dict], where: str, model: dict, max_tokens: int,
         gaps = e["kv_boundary_gaps"]
         if gaps is not None and len(gaps) != H_kv:
             raise _Invalid(f"{at}.kv_boundary_gaps", f"has {len(gaps)} entries; expected one per KV head ({H_kv})")
+        decides = budget is not None and e["prefill_tokens"] > budget and not (first_pass and doc["method"] == "gemfilter")
+        if (gaps is not None) != decides:
+            rule = (f"SnapKV decides exactly at the layers holding more than kv_budget ({budget}) tokens"
+                    if budget is not None else "without a kv_budget SnapKV never decides")
+            raise _Invalid(f"{at}.kv_boundary_gaps", f"is {'set' if gaps is not None else 'null'}; {rule} "
+                           f"(this layer holds {e['prefill_tokens']}), so expected {'a list' if decides else 'null'}")
         asl = ("union_size", "v", "ratio", "margin")
         if not e["scored"] and any(e[k] is not None for k in asl + ("boundary_gap",)):
             raise _Invalid(at, "an unscored layer has a union_size, v, ratio, margin or boundary_gap; expected all null")
@@ -273,13 +282,13 @@ def _check_consistency(doc: dict) -> None:
         raise _Invalid("$.next_position", f"is {doc['next_position']}; expected {rule} = {expected_next}")
     if len(doc["layers"]) != L:
         raise _Invalid("$.layers", f"has {len(doc['layers'])} entries; expected one per layer ({L})")
-    _check_layers(doc["layers"], "$.layers", model, expected_next, first_pass=False)
+    _check_layers(doc["layers"], "$.layers", doc, expected_next, first_pass=False)
     tau = doc["params"]["tau"]
     _check_margin(doc["layers"], "$.layers", tau)
     if first is not None:
         if not 1 <= len(first) <= L:
             raise _Invalid("$.first_pass", f"has {len(first)} entries; expected 1 to {L}")
-        _check_layers(first, "$.first_pass", model, N, first_pass=True)
+        _check_layers(first, "$.first_pass", doc, N, first_pass=True)
         _check_margin(first, "$.first_pass", tau)
     _check_totals(doc, bpe)
 
@@ -315,6 +324,9 @@ def _expected_arrays(doc: dict) -> dict[str, int | None]:
     for e in doc["layers"]:
         for g, t in enumerate(e["kv_tokens"]):
             names[f"kv_positions/{e['layer']}/{g}"] = t
+        if e["kv_boundary_gaps"] is not None:  # SnapKV decided here: the scores it decided on, per KV head
+            for g in range(len(e["kv_tokens"])):
+                names[f"kv_scores/{e['layer']}/{g}"] = e["prefill_tokens"] - doc["params"]["window"]
     return names
 
 

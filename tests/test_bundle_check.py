@@ -18,7 +18,7 @@ from reference.params import Params
 from reference.trace import make_trace, save_trace
 
 CASES = ["tiny-llama-asl", "tiny-llama-fastkv", "tiny-llama-snapkv", "tiny-llama-asl-2pass", "tiny-llama-gemfilter",
-         "tiny-llama-edge-n-le-w", "tiny-llama-asl-max-pooling"]
+         "tiny-llama-edge-n-le-w", "tiny-llama-asl-max-pooling", "tiny-llama-edge-tau-at-ratio"]
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,7 @@ def test_planted_engine_bugs_are_caught_where_they_act(bundle, tmp_path, bug, ca
 
 
 @pytest.mark.parametrize("bug, case, field", [
-    ("criterion-le", "tiny-llama-asl", "select_layer"),
+    ("criterion-le", "tiny-llama-edge-tau-at-ratio", "select_layer"),  # τ = 1: the ratio at L_min is exactly τ
     ("variance-last-layer-only", "tiny-llama-asl", "select_layer"),
     ("window-not-kept", "tiny-llama-fastkv", "kept_positions"),
     ("unstable-ties", "tiny-llama-asl-max-pooling", "ranks[3]"),  # max pooling: plateaus of equal scores
@@ -165,8 +165,8 @@ def test_planted_decision_bugs_are_caught(bundle, tmp_path, monkeypatch, bug, ca
     import reference.criterion as criterion
     import reference.methods as methods
 
-    if bug == "criterion-le":  # ≤ instead of <: make the ratio at the deciding layer exactly τ to expose it
-        monkeypatch.setattr(criterion, "fires", lambda ratio, tau: ratio <= Fraction(tau) * 1.3)
+    if bug == "criterion-le":  # the real bug: ≤ instead of <, on a case whose ratio at L_min is exactly τ
+        monkeypatch.setattr(criterion, "fires", lambda ratio, tau: ratio != float("inf") and ratio <= Fraction(tau))
     elif bug == "variance-last-layer-only":
         original = criterion.rank_variance
         monkeypatch.setattr(criterion, "rank_variance", lambda ranks, k: original(ranks[-2:], k))
@@ -182,6 +182,7 @@ def test_planted_decision_bugs_are_caught(bundle, tmp_path, monkeypatch, bug, ca
 
         monkeypatch.setattr(methods, "ranks", later_wins)
     cand = write_candidate(bundle, tmp_path / "cand", "float64")
+    monkeypatch.undo()  # the bug lives in the candidate, not in the checker
     result = next(r for r in check(cand, bundle) if r.case == case)
     fails = [f for f in result.findings if f.verdict == "FAIL"]
     assert result.verdict == "FAIL" and fails[0].field == field, result.line()

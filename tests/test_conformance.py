@@ -8,6 +8,7 @@ import pytest
 
 from reference.conformance import FAIL, NEAR, PASS, TOLERANCES, compare
 from reference.goldens import GOLDEN_DIR
+from reference.selection import ranks
 
 F32 = TOLERANCES["float32"]
 
@@ -24,13 +25,26 @@ def boundary_pair(record, scores_key="scores"):
     return min(kept, key=lambda p: scores[p]), max(left_out, key=lambda p: scores[p]), scores
 
 
+def swapped(record, scores_key, inside, outside):
+    """A candidate whose OWN scores put `outside` above `inside`: its kept set swaps the two, consistently with its
+    scores and ranks (rule 0), as a float-noise near-tie would."""
+    got = copy.deepcopy(record)
+    layer = str(record["select_layer"])
+    scores = got[scores_key][layer]
+    scores[inside], scores[outside] = scores[outside], scores[inside]
+    ranks_key = scores_key.replace("scores", "ranks")
+    if layer in got.get(ranks_key, {}):
+        got[ranks_key][layer] = ranks(np.asarray(scores)).tolist()
+    got["kept_positions"] = sorted(set(got["kept_positions"]) - {inside} | {outside})
+    return got
+
+
 @pytest.mark.parametrize("name, key", [("tiny-llama-asl", "scores"), ("tiny-llama-asl-2pass", "first_pass_scores"),
                                        ("tiny-qwen2-gemfilter", "first_pass_scores")])
 def test_a_swap_at_the_boundary_is_judged_by_its_distance(name, key):
     exp = golden(name)
     inside, outside, scores = boundary_pair(exp, key)
-    got = copy.deepcopy(exp)
-    got["kept_positions"] = sorted(set(got["kept_positions"]) - {inside} | {outside})
+    got = swapped(exp, key, inside, outside)
     distance = abs(scores[outside] - scores[inside]) / np.abs(scores).max()
     loose = TOLERANCES["float32"].__class__(**(vars(F32) | {"score": distance * 2}))
     tight = TOLERANCES["float32"].__class__(**(vars(F32) | {"score": distance / 2}))
@@ -66,7 +80,7 @@ def test_greedy_tokens_diverging_after_a_clear_gap_fail_and_after_a_near_tie_pas
     got = copy.deepcopy(exp)
     got["generated_ids"][1] = (exp["generated_ids"][1] + 1) % 259
     verdict, findings = compare(exp, got, F32)
-    assert verdict == FAIL and findings[-1].field == "generated_ids" and findings[-1].position == 1
+    assert verdict == FAIL and findings[-1].field == "generated_ids" and findings[-1].step == 1
     exp_tie = copy.deepcopy(exp)
     exp_tie["generated_gaps"][1] = 1e-4  # the oracle itself was torn at step 1
     verdict, _ = compare(exp_tie, got, F32)

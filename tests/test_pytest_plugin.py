@@ -38,6 +38,21 @@ def test_good(asl_case):
 @pytest.mark.asl_oracle(bundle=BUNDLE)
 def test_buggy(asl_case):
     return my_implementation(asl_case, shift=1)
+
+
+@pytest.mark.asl_oracle(bundle=BUNDLE, methods=("full",))
+def test_full_only(asl_case):
+    return my_implementation(asl_case)
+
+
+@pytest.mark.asl_oracle(bundle=BUNDLE)
+def test_no_arrays(asl_case):
+    return my_implementation(asl_case)[0]
+
+
+@pytest.mark.asl_oracle(bundle=BUNDLE, decisions_only=True)
+def test_no_arrays_decisions_only(asl_case):
+    return my_implementation(asl_case)[0]
 '''
 
 
@@ -49,5 +64,10 @@ def test_plugin_parametrizes_over_the_bundle_and_reports_the_diagnosis(tmp_path)
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file)],
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
     out = done.stdout
-    assert "1 failed, 3 passed" in out, out  # the bug shows only where a selection happens
+    assert "3 failed, 6 passed, 1 skipped" in out, out  # the bug shows only where a selection happens
     assert "test_buggy[tiny-llama-asl]" in out and "kept_positions" in out, textwrap.shorten(out, 2000)
+    assert "FAILED test_user.py::test_no_arrays[tiny-llama-asl]" in out and "INCOMPLETE" in out
+    assert "FAILED test_user.py::test_full_only" not in out and "FAILED test_user.py::test_no_arrays_decisions" not in out
+    skipped = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                              f"{test_file}::test_full_only"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert "not checked: method asl is not among methods=('full',)" in skipped.stdout, skipped.stdout

@@ -238,6 +238,7 @@ class Layer:
     ratio: float | None = None
     margin: float | None = None
     kv_boundary_gaps: list | None = None
+    kv_scores: torch.Tensor | None = None  # SnapKV's score_g (H_kv, n-w), where it decided
 
 
 def layer_flops(r: Runner, n: int) -> int:
@@ -297,6 +298,7 @@ def prefill(r: Runner, ids: list[int], method: str, p: dict):
             score_g = p_heads.view(r.H_kv, r.G, -1).sum(dim=1)  # (H_kv, n-w)
             rows = [torch.cat((best(s, B - w), torch.arange(n - w, n))) for s in score_g]
             rec.kv_boundary_gaps = [gap_at(s, B - w) for s in score_g]
+            rec.kv_scores = score_g
         cache = LayerCache([positions[i] for i in rows], [kk[g, i] for g, i in enumerate(rows)],
                            [vv[g, i] for g, i in enumerate(rows)])
         rec.kv_positions = [c.clone() for c in cache.positions]
@@ -392,6 +394,8 @@ def run_case(model_dir, inputs: dict, dtype: torch.dtype = torch.float64):
             arrays[f"scores/{rec.layer}"] = rec.scores.numpy()
         for g, pos in enumerate(rec.kv_positions):
             arrays[f"kv_positions/{rec.layer}/{g}"] = pos.numpy().astype(np.int64)
+        for g, score in enumerate(rec.kv_scores if rec.kv_scores is not None else []):
+            arrays[f"kv_scores/{rec.layer}/{g}"] = score.numpy()
     return trace, arrays
 
 
