@@ -100,23 +100,51 @@ def prompt_for(case, model_dir) -> list[int]:
     return passkey_prompt(load_tokenizer(model_dir), case.n_tokens, seed=case.seed).ids
 
 
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise OracleError(f"{path}: missing; {what}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise OracleError(f"{path}: not valid JSON ({e}); {what}") from None
+    except OSError as e:
+        raise OracleError(f"{path}: cannot read it ({e.strerror or e}); {what}") from None
+
+
+def plain_case_name(name) -> bool:
+    """A case name is a plain file name: it can never point outside its directory."""
+    return (isinstance(name, str) and 0 < len(name) <= 200 and name not in (".", "..")
+            and all(c.isalnum() or c in "-_.+" for c in name))
+
+
 def read_manifest(bundle: Path) -> dict:
     path = Path(bundle) / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise OracleError(f"{bundle}: no manifest.json; is this a bundle written by `asl golden`?") from None
-    except json.JSONDecodeError as e:
-        raise OracleError(f"{path}: not valid JSON ({e})") from None
+    if not path.is_file():
+        raise OracleError(f"{bundle}: no manifest.json; is this a bundle written by `asl golden`?")
+    manifest = _read_json(path, "rewrite the bundle with `asl golden`")
     if not isinstance(manifest, dict) or manifest.get("bundle_version") != BUNDLE_VERSION:
         raise OracleError(f"{path}: bundle_version must be {BUNDLE_VERSION}; rewrite the bundle with this asl-oracle")
-    if not isinstance(manifest.get("cases"), list):
+    cases = manifest.get("cases")
+    if not isinstance(cases, list):
         raise OracleError(f"{path}: 'cases' must be a list of case names")
+    bad = [c for c in cases if not plain_case_name(c)]
+    if bad:
+        raise OracleError(f"{path}: case name {bad[0]!r} is not a plain file name (letters, digits, - _ . +); "
+                          "case files must stay inside the bundle")
+    if len(set(cases)) != len(cases):
+        dup = next(c for c in cases if cases.count(c) > 1)
+        raise OracleError(f"{path}: case {dup!r} is listed twice; case names must be unique")
     return manifest
 
 
 def read_inputs(bundle: Path, case: str) -> dict:
-    return json.loads((Path(bundle) / f"{case}.inputs.json").read_text())
+    if not plain_case_name(case):
+        raise OracleError(f"case name {case!r} is not a plain file name")
+    inputs = _read_json(Path(bundle) / f"{case}.inputs.json", "every case of the manifest needs its inputs")
+    if not isinstance(inputs, dict) or not isinstance(inputs.get("method"), str):
+        raise OracleError(f"{Path(bundle) / f'{case}.inputs.json'}: expected a JSON object with the case's inputs "
+                          "(prompt_ids, method, params, ...)")
+    return inputs
 
 
 # ---------------------------------------------------------------- checking

@@ -53,3 +53,11 @@ def test_self_test_command_prints_the_score():
     assert run.returncode == 0, run.stdout + run.stderr
     assert f"caught {len(CATALOGUE)} / {len(CATALOGUE)} planted bugs (100%)" in run.stdout
     assert "NOT CAUGHT" not in run.stdout
+
+
+def test_docs_list_the_whole_catalogue():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "conformance.md").read_text()
+    for m in CATALOGUE:
+        assert f"| `{m.name}` | {m.bug} |" in text, f"docs/conformance.md's catalogue table lacks {m.name}"

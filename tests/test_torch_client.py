@@ -1,6 +1,6 @@
 """The independent PyTorch + transformers client (examples/torch_client/asl_torch.py) against the oracle.
 
-The client re-derives every formula from SPEC.md on torch (it imports no
+The client re-derives every formula from the contract, docs/semantics.md, on torch (it imports no
 reference scoring, selection, criterion, method, model or engine code). Each
 test writes a golden bundle with the reference, runs the client on every
 case's inputs and judges its trace with the bundle checker: the two

@@ -3,7 +3,7 @@
 This is the worked example for implementers and a second opinion on the
 NumPy reference: nothing here imports reference.scoring / selection /
 criterion / methods / model / engine. Every formula is re-derived from
-the project's SPEC (restated in docs/semantics.md; section numbers in the comments). transformers
+the contract, docs/semantics.md (called SPEC; section numbers in the comments). transformers
 supplies the weights and the modules (projections, MLP, embeddings, head);
 the layer loop, RMSNorm, rotary angles, attention, scoring, selection,
 ASL's criterion, caches and greedy decoding are written here.

@@ -1,0 +1,69 @@
+"""How far the port's float16 weights move scores and the criterion from the float64 goldens.
+
+    python benchmarks/float16_drift.py            # every golden case, tiny-llama and tiny-qwen2
+
+The float16 row of the tolerance table (reference/conformance.py, docs/conformance.md)
+rests on these numbers: per case, the largest difference of any recorded score
+(token scores, first-pass scores, SnapKV's per-KV-head scores) relative to that
+layer's largest score, and the largest relative difference of v and ratio where
+both runs computed them. Runs the port on NumPy (float16 weights, float32
+arithmetic), so any machine reproduces it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from gpu.backend import get_xp
+from gpu.engine import PortEngine
+from gpu.loader import load_device_weights
+from reference.goldens import GOLDEN_DIR, default_cases, run_case
+
+
+def score_drift(golden: dict, fresh: dict) -> float:
+    worst = 0.0
+    for key in ("scores", "first_pass_scores", "kv_scores"):
+        for layer, expected in golden.get(key, {}).items():
+            got = fresh.get(key, {}).get(layer)
+            if got is None or np.shape(got) != np.shape(expected):
+                continue
+            e, g = np.atleast_2d(expected), np.atleast_2d(got)
+            scale = np.abs(e).max(axis=-1, keepdims=True)
+            worst = max(worst, float((np.abs(e - g) / np.where(scale > 0, scale, 1.0)).max()))
+    return worst
+
+
+def criterion_drift(golden: dict, fresh: dict) -> float:
+    worst = 0.0
+    for a, b in zip(golden["layers"], fresh["layers"]):
+        for key in ("v", "ratio"):
+            x, y = a[key], b[key]
+            if isinstance(x, (int, float)) and isinstance(y, (int, float)) and x:
+                worst = max(worst, abs(x - y) / abs(x))
+    return worst
+
+
+def main() -> None:
+    xp = get_xp("numpy")
+
+    def engine(model_dir):
+        return PortEngine(load_device_weights(model_dir, xp, "float16", progress=False)[0], xp)
+
+    print(f"{'case':<34} {'score drift':>12} {'v/ratio drift':>14}   same decisions")
+    rows = []
+    for case in default_cases():
+        golden = json.loads((GOLDEN_DIR / f"{case.name}.json").read_text())["expected"]
+        fresh = run_case(case, engine)["expected"]
+        same = golden["select_layer"] == fresh["select_layer"] and golden["kept_positions"] == fresh["kept_positions"]
+        rows.append((case.name, score_drift(golden, fresh), criterion_drift(golden, fresh)))
+        print(f"{case.name:<34} {rows[-1][1]:>12.4f} {rows[-1][2]:>14.4f}   {'yes' if same else 'no'}")
+    worst_score, worst_v = max(rows, key=lambda r: r[1]), max(rows, key=lambda r: r[2])
+    print(f"largest score drift {worst_score[1]:.4f} ({worst_score[0]}); "
+          f"largest v/ratio drift {worst_v[2]:.4f} ({worst_v[0]})")
+    print("float16 weights on NumPy (float32 arithmetic) against the float64 goldens")
+
+
+if __name__ == "__main__":
+    main()
