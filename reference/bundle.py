@@ -51,12 +51,21 @@ def read_cases(path: Path, model: str):
 
     try:
         raw = json.loads(Path(path).read_text())
-        return [Case(c["name"], model, c["method"], int(c["n_tokens"]), dict(c.get("params", {})),
-                     int(c.get("seed", 0)), int(c.get("max_new_tokens", 8))) for c in raw]
+        cases = [Case(c["name"], model, c["method"], int(c["n_tokens"]), dict(c.get("params", {})),
+                      int(c.get("seed", 0)), int(c.get("max_new_tokens", 8))) for c in raw]
     except FileNotFoundError:
         raise OracleError(f"--cases: {path} not found") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise OracleError(f"--cases: {path} must be a JSON list of cases with name, method, n_tokens ({e!r})") from None
+    names = [c.name for c in cases]
+    bad = [n for n in names if not plain_case_name(n)]
+    if bad:
+        raise OracleError(f"--cases: {path}: case name {bad[0]!r} is not a plain file name (letters, digits, - _ . +); "
+                          "the case's files are written inside --out under that name")
+    if len(set(names)) != len(names):
+        raise OracleError(f"--cases: {path}: case name {next(n for n in names if names.count(n) > 1)!r} is used "
+                          "twice; each case needs its own name (its files would overwrite each other)")
+    return cases
 
 
 def write_bundle(model: str, cases, out: Path, dtype: str = "float64", progress: bool = True) -> Path:

@@ -283,3 +283,49 @@ def test_a_case_file_and_json_output_round_trip(bundle, weights, tmp_path):
                           "--methods", "asl"], capture_output=True, text=True)
     rows = {r["case"]: r for r in json.loads(run.stdout)}
     assert rows["tiny-llama-asl"]["verdict"] == "PASS" and rows["tiny-llama-asl"]["unchecked"] == []
+
+
+# ---------------------------------------------------------------- bad input stays one-line errors
+
+
+@pytest.mark.parametrize("cases, fragment", [
+    (["../outside"], "not a plain file name"),
+    (["/etc/passwd"], "not a plain file name"),
+    (["tiny-llama-asl", "tiny-llama-asl"], "listed twice"),
+    ("tiny-llama-asl", "must be a list"),
+])
+def test_manifests_naming_paths_or_duplicates_are_refused(bundle, tmp_path, cases, fragment):
+    import shutil
+
+    copy_dir = tmp_path / "b"
+    shutil.copytree(bundle, copy_dir)
+    manifest = json.loads((copy_dir / "manifest.json").read_text())
+    (copy_dir / "manifest.json").write_text(json.dumps(manifest | {"cases": cases}))
+    run = subprocess.run([sys.executable, "-m", "reference", "check", str(tmp_path), "--golden", str(copy_dir)],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and fragment in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("cases, fragment", [
+    ([{"name": "../../x", "method": "full", "n_tokens": 10}], "not a plain file name"),
+    ([{"name": "a", "method": "full", "n_tokens": 10}, {"name": "a", "method": "asl", "n_tokens": 10}], "twice"),
+    ([{"method": "full", "n_tokens": 10}], "must be a JSON list of cases"),
+])
+def test_cases_files_that_would_write_outside_out_are_refused(tmp_path, cases, fragment):
+    path = tmp_path / "cases.json"
+    path.write_text(json.dumps(cases))
+    run = subprocess.run([sys.executable, "-m", "reference", "golden", "--model", "tiny-llama", "--cases", str(path),
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert run.returncode == 2 and fragment in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert not (tmp_path / "x.inputs.json").exists() and not (tmp_path.parent / "x.inputs.json").exists()
+
+
+def test_a_missing_inputs_file_is_a_one_line_error(bundle, tmp_path):
+    import shutil
+
+    copy_dir = tmp_path / "b"
+    shutil.copytree(bundle, copy_dir)
+    (copy_dir / "tiny-llama-asl.inputs.json").unlink()
+    run = subprocess.run([sys.executable, "-m", "reference", "check", str(tmp_path), "--golden", str(copy_dir)],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "tiny-llama-asl.inputs.json: missing" in run.stderr, run.stderr
