@@ -27,7 +27,8 @@ SMOLLM2_PARAMS = dict(window=32, kernel=7, select_k=256, tau=0.3, l_min=10, l_ob
 
 def default_cases(model: str):
     """The default case matrix for a model: every method, SPEC's edge cases, a few prompt lengths."""
-    from reference.goldens import Case, default_cases as tiny_cases
+    from reference.goldens import Case
+    from reference.goldens import default_cases as tiny_cases
 
     if model in ("tiny-llama", "tiny-qwen2"):
         return [c for c in tiny_cases() if c.model == model]
@@ -208,7 +209,13 @@ def check_trace(expected_path: Path, candidate, dtype: str | None = None, decisi
 
     A candidate without arrays is INCOMPLETE (never a PASS) unless decisions_only: then its decisions
     are judged and the result lists what could not be checked."""
-    from reference.conformance import FAIL, TOLERANCES, compare, record_from_trace, unchecked
+    from reference.conformance import (
+        FAIL,
+        TOLERANCES,
+        compare,
+        record_from_trace,
+        unchecked,
+    )
     from reference.trace import load_trace, validate_trace
 
     case = expected_path.name.removesuffix(".trace.json")

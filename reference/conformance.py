@@ -159,6 +159,10 @@ def _check_select_layer(exp: dict, got: dict, tol: Tolerance) -> Finding | None:
     e, g = exp["select_layer"], got["select_layer"]
     if e == g:
         return None
+    if exp["method"] == "asl-2pass" and None in (e, g):  # two-pass ASL always selects once N > w
+        return Finding(FAIL, "select_layer", f"expected {e}, got {g}: two-pass ASL selects even when its criterion "
+                       "never fires (it falls back to the last layer's ranks and runs the second pass on them), "
+                       "so no near-tie makes it run as full", e if e is not None else g)
     # where the two runs part: the earlier of the two selection layers (None = never)
     parting = min(x for x in (e, g) if x is not None)
     margin = _margin_at(_criterion_entries(exp), parting)

@@ -21,7 +21,13 @@ from fractions import Fraction
 import numpy as np
 
 from reference.criterion import replay
-from reference.selection import best, kept_with_window, ranks, select_k_prime, top_from_ranks
+from reference.selection import (
+    best,
+    kept_with_window,
+    ranks,
+    select_k_prime,
+    top_from_ranks,
+)
 
 ONE_SHOT = ("fastkv", "asl")
 TWO_PASS = ("gemfilter", "asl-2pass")
@@ -118,6 +124,8 @@ def check_criterion(got: dict, tolerance) -> list:
     k_prime = select_k_prime(p["select_k"], got["num_prompt_tokens"], p["window"])
     stored = [None] * first + [np.asarray(by_layer[str(l)]) for l in range(first, last + 1)]
     selected, ratios = replay(stored, p["tau"], p["l_min"], p["l_obs"], k_prime)
+    if selected is None and got["method"] == "asl-2pass" and got["first_pass"]:
+        selected = len(got["layers"]) - 1  # never fired: two-pass ASL falls back to the last layer's ranks
     if selected != got["select_layer"]:
         at = got["select_layer"] if selected is None else min(x for x in (selected, got["select_layer"]) if x is not None)
         ratio = ratios.get(at)
@@ -131,6 +139,9 @@ def check_criterion(got: dict, tolerance) -> list:
     for layer, ratio in ratios.items():
         reported = entries[layer]["ratio"]
         value = float(ratio)
+        if reported is None:
+            return [_finding(f"layers[{layer}].ratio", f"is null, but SPEC's criterion computes it at every layer from "
+                             f"L_min = {p['l_min']} on; its own ranks give {value!r}", layer)]
         if isinstance(reported, str) or value == float("inf"):
             if str(reported) != str(value):
                 return [_finding(f"layers[{layer}].ratio", f"reported {reported}, its own ranks give {value}", layer)]

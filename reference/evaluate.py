@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from reference.errors import OracleError
+from reference.methods import NEVER_FIRED
 from reference.params import Params, check_params
 
 RESULTS, SETTINGS = "results.jsonl", "settings.json"
@@ -119,6 +120,9 @@ def run_eval(model: str, tasks: list[str], lengths: list[int], samples: int, met
                        "n_tokens": len(sample.ids), "depth": sample.depth, "prediction": prediction,
                        "answers": sample.answers, "score": score(task, prediction, sample.answers),
                        "select_layer": trace["select_layer"],
+                       # False where ASL's criterion never fired (two-pass ASL still reports L-1, its fallback)
+                       "fired": trace["select_layer"] is not None and not any(n.startswith(NEVER_FIRED)
+                                                                               for n in trace["notes"]),
                        "kept_tokens": None if trace["kept_positions"] is None else len(trace["kept_positions"]),
                        "kv_bytes": trace["totals"]["kv_bytes"], "kv_fraction": trace["totals"]["kv_fraction"],
                        "prefill_flops_fraction": trace["totals"]["prefill_flops"] / trace["totals"]["prefill_flops_full"],

@@ -109,7 +109,7 @@ def run_case(case: Case, engine_factory=None, dtype: str = "float64") -> dict:
     params = case.full_params()
     gen = generate(weights, case.prompt_ids(), case.max_new_tokens, (), method=case.method, params=params, engine=engine)
     trace, arrays = make_trace(gen, model_name=case.model, model_sha256="", config=weights.config, dtype=dtype)
-    scored = [e["layer"] for e in trace["layers"] if e["scored"]]
+    scored = [e["layer"] for e in trace["first_pass"] or trace["layers"] if e["scored"]]  # where the method scored
     shown = {scored[0], scored[-1], trace["select_layer"]} if scored else set()
     record = record_from_trace(trace, arrays, score_layers=shown)
     last = str(weights.config.num_hidden_layers - 1)

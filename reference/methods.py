@@ -193,6 +193,10 @@ def gemfilter_first_pass(engine, ids: np.ndarray, p: Params) -> tuple[np.ndarray
 
 # ---------------------------------------------------------------- entry point
 
+NEVER_FIRED = "the criterion never fired"  # how every note about a criterion that never fired begins
+NEVER_FIRED_TWO_PASS = (NEVER_FIRED + ": fell back to the last layer's ranks (select_layer = {layer}, as "
+                        "the authors' code does) and ran the second pass on its top(k') and the window")
+
 
 def run_prefill(
     weights: Weights | None, prompt_ids, method: str = "full", params: Params | None = None, engine=None
@@ -226,17 +230,21 @@ def run_prefill(
     if method_run in ("fastkv", "asl"):
         run = one_pass(engine, ids, p, method_run)
         if run.select_layer is None:
-            notes.append("the criterion never fired: nothing was selected; ran as full")
+            notes.append(NEVER_FIRED + ": nothing was selected; ran as full")
         return result(run, N, run.select_layer, run.kept)
     if method_run == "gemfilter":
         kept, first = gemfilter_first_pass(engine, ids, p)
         second = one_pass(engine, ids[kept], p, None)
         return result(second, len(kept), p.filter_layer, kept, first)
-    # asl-2pass: ASL's criterion and kept set, then a fresh pass on the kept ids. The first pass
-    # applies SnapKV too: when the criterion never fires, its caches are the ones decoding uses.
+    # asl-2pass: ASL's criterion and kept set, then a fresh pass on the kept ids. When the criterion
+    # never fires, the first pass has run every layer and, as the authors' code does, the selection
+    # falls back to the last layer L-1: its top(k') ∪ window go to the second pass (SPEC, oracle decisions).
     first = one_pass(engine, ids, p, "asl", stop_at_selection=True)
-    if first.select_layer is None:
-        notes.append("the criterion never fired: no second pass; ran as full")
-        return result(first, N, None, None)
-    second = one_pass(engine, ids[first.kept], p, None)
-    return result(second, len(first.kept), first.select_layer, first.kept, first.layers)
+    select_layer, kept = first.select_layer, first.kept
+    if select_layer is None:
+        select_layer = engine.config.num_hidden_layers - 1
+        rank = first.layers[select_layer].ranks  # (N-w,): the last layer was scored
+        kept = kept_with_window(top_from_ranks(rank, select_k_prime(p.select_k, N, p.window)), N, p.window)
+        notes.append(NEVER_FIRED_TWO_PASS.format(layer=select_layer))
+    second = one_pass(engine, ids[kept], p, None)
+    return result(second, len(kept), select_layer, kept, first.layers)

@@ -19,6 +19,7 @@ its neighbours: a copy of f whose global `name` is `value`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import sys
 import tempfile
@@ -231,6 +232,15 @@ def _snapkv_keep_b_prefix(p_heads, group_size, budget, window):
     return keep, [methods.boundary_gap(s, budget) for s in score_g], score_g
 
 
+def _two_pass_as_full_when_never_fired(weights, prompt_ids, method="full", params=None, engine=None):
+    """Two-pass ASL that runs as full when its criterion never fires (no fallback to the last layer)."""
+    if method == "asl-2pass":
+        one_shot = methods.run_prefill(weights, prompt_ids, "asl", params, engine=engine)
+        if one_shot.select_layer is None:
+            return dataclasses.replace(one_shot, method="asl-2pass")
+    return methods.run_prefill(weights, prompt_ids, method, params, engine=engine)
+
+
 _variance = criterion.rank_variance
 CATALOGUE = (
     Mutation("criterion-le", "the criterion fires at ratio <= tau instead of ratio < tau", r"select_layer",
@@ -289,6 +299,9 @@ CATALOGUE = (
     Mutation("second-pass-original-positions", "the second pass of a two-pass method ropes at original positions",
              r"logits", ((generate_module, "run_prefill", _recording_second_pass()),),
              engine=SecondPassAtOriginalPositions, cases=("gemfilter", "asl-2pass")),
+    Mutation("two-pass-never-fired-as-full", "two-pass ASL runs as full when its criterion never fires",
+             r"select_layer", ((generate_module, "run_prefill", _two_pass_as_full_when_never_fired),),
+             cases=("edge-2pass-never-fires",)),
     Mutation("scores-mean-over-heads", "token scores are the mean over query heads, not the sum", r"^scores$",
              ((methods, "token_scores", lambda p: p.mean(axis=0)),), neutral=True, cases=("fastkv", "asl")),
     Mutation("snapkv-mean-over-group", "SnapKV's score_g is the mean over the group's heads (kvpress)",

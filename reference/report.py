@@ -38,7 +38,7 @@ def summarize(rows: list[dict]) -> dict:
         table[(task, method)] = {
             "n": len(rs), "accuracy": _mean([r["score"] for r in rs]),
             "select_layer": _mean([r["select_layer"] for r in rs]),
-            "fired": sum(r["select_layer"] is not None for r in rs) / len(rs),
+            "fired": sum(r.get("fired", r["select_layer"] is not None) for r in rs) / len(rs),
             "kv_saving": 1.0 - _mean([r["kv_fraction"] for r in rs]),
             "time_vs_full": _mean(ratios),
         }
@@ -56,8 +56,9 @@ def markdown(rows: list[dict], table: dict) -> str:
     lines = ["# Evaluation report", "",
              f"{len(rows)} runs; lengths {', '.join(map(str, lengths))} tokens; methods {', '.join(methods)}.", "",
              "Accuracy is the mean task score (docs/evaluation.md); selection layer is the mean over the runs "
-             "that selected (fired: the share that did); KV saving is 1 − KV bytes / full's; time is prefill "
-             "seconds / full's on the same prompt.", "",
+             "that selected (fired: the share whose selection was decided; for ASL, whose criterion fired: two-pass "
+             "ASL's fallback to the last layer counts in the mean, not as fired); KV saving is 1 − KV bytes / full's; "
+             "time is prefill seconds / full's on the same prompt.", "",
              "| task | method | runs | accuracy | selection layer (fired) | KV saving | prefill time vs full |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for task in tasks:

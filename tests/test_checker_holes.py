@@ -21,9 +21,24 @@ import numpy as np
 import pytest
 
 import reference.criterion as criterion
-from reference.bundle import NOT_CHECKED, check, check_trace, default_cases, read_inputs, read_manifest, write_bundle
+from reference.bundle import (
+    NOT_CHECKED,
+    check,
+    check_trace,
+    default_cases,
+    read_inputs,
+    read_manifest,
+    write_bundle,
+)
 from reference.checkpoint import load_weights
-from reference.conformance import FAIL, NEAR, NOTE, TOLERANCES, compare, record_from_trace
+from reference.conformance import (
+    FAIL,
+    NEAR,
+    NOTE,
+    TOLERANCES,
+    compare,
+    record_from_trace,
+)
 from reference.errors import OracleError
 from reference.fetch import resolve_model
 from reference.generate import generate

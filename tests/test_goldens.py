@@ -19,7 +19,10 @@ def test_goldens_cover_every_method_and_the_spec_edge_cases():
     goldens = [json.loads((GOLDEN_DIR / f"{c.name}.json").read_text()) for c in CASES]
     assert {g["method"] for g in goldens} == {"full", "snapkv", "fastkv", "gemfilter", "asl", "asl-2pass"}
     notes = " ".join(n for g in goldens for n in g["expected"]["notes"])
-    assert "N ≤ w" in notes and "N ≤ k" in notes and "never fired" in notes and "no second pass" in notes
+    assert "N ≤ w" in notes and "N ≤ k" in notes and "never fired" in notes and "fell back to the last layer" in notes
+    two_pass_fallback = [g for g in goldens if g["case"].endswith("edge-2pass-never-fires")]
+    assert two_pass_fallback and all(g["expected"]["select_layer"] == len(g["expected"]["layers"]) - 1
+                                     for g in two_pass_fallback)
     fired_at_l_min = [g for g in goldens if g["method"] == "asl" and g["params"]["tau"] > 1]
     assert fired_at_l_min and all(g["expected"]["select_layer"] == g["params"]["l_min"] for g in fired_at_l_min)
     v0_zero = [g for g in goldens if g["case"].endswith("v0-zero")]

@@ -7,9 +7,16 @@ import sys
 
 import pytest
 
-from reference.mutations import CATALOGUE, MODELS, Mutation, bundles, judge, run_catalogue
 from reference.checkpoint import load_weights
 from reference.fetch import resolve_model
+from reference.mutations import (
+    CATALOGUE,
+    MODELS,
+    Mutation,
+    bundles,
+    judge,
+    run_catalogue,
+)
 
 REQUIRED = {"criterion-le", "avg-pool-no-zero-padding", "max-pool-wraps", "gqa-one-head-per-group",
             "softmax-prefix-only", "window-not-causal", "window-not-kept", "window-not-cached", "renumbered-positions",

@@ -587,3 +587,30 @@ def test_windows_holding_the_same_values_pool_to_the_same_bits():
         p = pool(u, s, "avg")
         assert all((p[h] == p[h, 0]).all() for h in range(2))
         np.testing.assert_array_equal(ranks(p[0]), np.arange(1, n + 1))
+
+
+def test_two_pass_asl_that_never_fires_falls_back_to_the_last_layers_ranks():
+    """The authors' fallback, derived here from other code paths: one-shot ASL that never fires is a full run whose
+    trace holds every scored layer's ranks; top(k') of layer L-1's ranks plus the window, re-run from scratch as a
+    full prompt, must be exactly what two-pass ASL decodes from."""
+    from reference.checkpoint import load_weights
+    from reference.fetch import resolve_model
+    from reference.generate import generate
+    from reference.params import Params
+
+    weights = load_weights(resolve_model("tiny-llama"), "float64")
+    L = weights.config.num_hidden_layers
+    ids = np.random.default_rng(7).integers(3, 259, 90).tolist()
+    p = Params(window=4, kernel=3, select_k=20, tau=1e-9, l_min=6, l_obs=4)
+    one_shot = generate(weights, ids, 4, (), method="asl", params=p).prefill
+    assert one_shot.select_layer is None  # τ = 1e-9: the criterion never fires
+    last_ranks = one_shot.layers[L - 1].ranks  # (N - w,)
+    N, w, k_prime = len(ids), p.window, p.select_k - p.window
+    by_hand = sorted([j for j in range(N - w) if last_ranks[j] <= k_prime] + list(range(N - w, N)))
+    assert len(by_hand) == p.select_k
+    two_pass = generate(weights, ids, 4, (), method="asl-2pass", params=p)
+    assert two_pass.prefill.select_layer == L - 1 and two_pass.prefill.kept_positions.tolist() == by_hand
+    assert len(two_pass.prefill.first_pass) == L and two_pass.prefill.next_position == len(by_hand)
+    rerun = generate(weights, [ids[j] for j in by_hand], 4, (), method="full", params=p)
+    np.testing.assert_array_equal(two_pass.prefill.logits, rerun.prefill.logits)
+    assert two_pass.generated_ids == rerun.generated_ids

@@ -185,10 +185,14 @@ def test_asl_records_the_criterion(runs):
     assert trace["kept_positions"][-BASE["window"]:] == list(range(N - BASE["window"], N))
 
 
-def test_two_pass_that_never_fires_is_a_full_run_that_says_so(runs):
+def test_two_pass_that_never_fires_falls_back_to_the_last_layer_and_says_so(runs):
     _, trace, _ = runs["asl-2pass-never-fires"]
-    assert trace["first_pass"] is None and trace["select_layer"] is None
-    assert trace["notes"] and trace["totals"]["kv_fraction"] == 1.0
+    L = trace["model"]["num_hidden_layers"]
+    assert trace["select_layer"] == L - 1 and len(trace["first_pass"]) == L
+    assert all(e["margin"] > 0 for e in trace["first_pass"] if e["margin"] is not None)  # it really never fired
+    assert any("never fired" in n and "fell back" in n for n in trace["notes"])
+    assert len(trace["kept_positions"]) == min(trace["params"]["select_k"], trace["num_prompt_tokens"])
+    assert trace["next_position"] == len(trace["kept_positions"]) and trace["totals"]["kv_fraction"] < 1.0
 
 
 def test_short_prompt_notes_why_it_ran_as_full(runs):
