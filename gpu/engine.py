@@ -295,6 +295,11 @@ class PortEngine:
     def positions(self, cache: PortLayerCache) -> list[np.ndarray]:
         return [cache.pos[g, :n].copy() for g, n in enumerate(cache.lengths)]
 
+    def all_finite(self, x) -> bool:
+        """Every row's Σ x² is finite, as in the reference's: one device reduction and one host sync per call
+        (once a layer in prefill)."""
+        return bool(self.xp.isfinite(self.xp.einsum("td,td->t", x, x)).all())
+
     def select_rows(self, x, rows: np.ndarray):
         return x[self.xp.asarray(rows)]
 

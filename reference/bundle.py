@@ -78,13 +78,20 @@ def write_bundle(model: str, cases, out: Path, dtype: str = "float64", progress:
     from reference.generate import eos_token_ids, generate
     from reference.trace import make_trace, model_sha256, save_trace
 
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OracleError(f"--out {out} is a file; a bundle is a directory: name a new or existing directory")
     model_dir = resolve_model(model)
     weights = load_weights(model_dir, dtype)
+    params_of = {case.name: case_params(case, weights.config) for case in cases}  # every case, before any work
     sha = model_sha256(model_dir)
     eos = eos_token_ids(model_dir, weights.config)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OracleError(f"--out {out}: cannot create the bundle directory ({e.strerror or e})") from None
     for case in tqdm(cases, desc="golden bundle", unit="case", disable=not progress, file=sys.stderr):
-        params = case.full_params() if case.model.startswith("tiny-") else Params(**case.params)
+        params = params_of[case.name]
         ids = prompt_for(case, model_dir)
         gen = generate(weights, ids, case.max_new_tokens, eos, method=case.method, params=params)
         trace, arrays = make_trace(gen, model_name=model, model_sha256=sha, config=weights.config, dtype=dtype)
@@ -98,6 +105,30 @@ def write_bundle(model: str, cases, out: Path, dtype: str = "float64", progress:
                 "tolerance_policy": "docs/conformance.md (reference/conformance.py)"}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return out
+
+
+def case_params(case, cfg) -> Params:
+    """A case's resolved parameters, refused (naming the case) when unknown, out of range, or too long."""
+    from reference.params import check_params
+
+    def bad(why: str) -> OracleError:
+        return OracleError(f"case {case.name!r}: {why}")
+
+    known = set(Params.__dataclass_fields__)
+    unknown = sorted(set(case.params) - known)
+    if unknown:
+        raise bad(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    params = case.full_params() if case.model.startswith("tiny-") else Params(**case.params)
+    try:
+        check_params(case.method, params, cfg.num_hidden_layers)
+    except OracleError as e:
+        raise bad(str(e)) from None
+    if not 1 <= case.n_tokens <= cfg.max_position_embeddings - max(case.max_new_tokens, 0):
+        raise bad(f"n_tokens must be in [1, {cfg.max_position_embeddings - max(case.max_new_tokens, 0)}] (the model's "
+                  f"context less max_new_tokens), got {case.n_tokens}")
+    if case.seed < 0 or case.max_new_tokens < 0:
+        raise bad(f"seed and max_new_tokens must be ≥ 0, got {case.seed} and {case.max_new_tokens}")
+    return params
 
 
 def prompt_for(case, model_dir) -> list[int]:

@@ -30,11 +30,15 @@ MODEL_HELP = "checkpoint directory (Hugging Face layout) or alias: tiny-llama, t
 
 def _read_prompt_ids(path: str) -> list[int]:
     try:
-        ids = json.loads(Path(path).read_text())
+        ids = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise OracleError(f"--prompt-ids: file {path} not found") from None
-    except json.JSONDecodeError as e:
+    except IsADirectoryError:
+        raise OracleError(f"--prompt-ids: {path} is a directory; give the JSON file of token ids") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise OracleError(f"--prompt-ids: {path} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise OracleError(f"--prompt-ids: cannot read {path} ({e.strerror or e})") from None
     if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
         raise OracleError(f"--prompt-ids: {path} must hold a JSON list of integer token ids, e.g. [1, 2, 3]")
     return ids
@@ -47,6 +51,11 @@ def _prompt_ids(args, tok) -> list[int]:
         return _read_prompt_ids(args.prompt_ids)
     if args.prompt == "":
         raise OracleError("the prompt is empty: give some text with --prompt")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # bytes that were not UTF-8 on the command line arrive as lone surrogates
+        raise OracleError(f"--prompt is not valid UTF-8 text (an undecodable byte at character {e.start}); "
+                          "pass UTF-8 text, or token ids with --prompt-ids") from None
     if tok is None:
         raise OracleError("this checkpoint has no tokenizer.json; pass --prompt-ids FILE instead")
     from reference.tokenizer import encode_chat
@@ -254,8 +263,17 @@ def cmd_demo(args) -> int:
 
     start = time.perf_counter()
     _, weights, tok, eos, _ = load_model(args.model, "float32")
-    prompt = passkey_prompt(tok, args.tokens, seed=args.seed)
     params = Params(**DEMO_PARAMS)
+    context = weights.config.max_position_embeddings
+    if args.max_new_tokens < 1:
+        raise OracleError(f"--max-new-tokens must be ≥ 1 (the answer), got {args.max_new_tokens}")
+    if not params.select_k < args.tokens <= context - args.max_new_tokens:  # checked before any text is built
+        raise OracleError(f"--tokens must be in ({params.select_k}, {context - args.max_new_tokens}], got {args.tokens}: "
+                          f"more than ASL's select_k ({params.select_k}, else it keeps the whole prompt) and within "
+                          f"the model's context ({context} positions, {args.max_new_tokens} of them for the answer)")
+    if tok is None:
+        raise OracleError(f"{args.model}: no tokenizer.json; the demo writes its prompt as text")
+    prompt = passkey_prompt(tok, args.tokens, seed=args.seed)
     print(f"model: {args.model}   prompt: {len(prompt.ids)} tokens, pass key {prompt.answer} hidden at half depth")
     print(f"question: ...{prompt.text[-60:]!r}")
     print(f"ASL: tau={params.tau}, l_min={params.l_min}, l_obs={params.l_obs}, window={params.window}, "

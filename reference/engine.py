@@ -63,6 +63,11 @@ class ReferenceEngine:
     def positions(self, cache: LayerCache) -> list[np.ndarray]:
         return [h.pos for h in cache]
 
+    def all_finite(self, x: np.ndarray) -> bool:
+        """Every row's Σ x² is finite: no inf or NaN in x, and no value whose square overflows the next RMSNorm
+        (which would silently turn the row into zeros). The run stops at the first layer where this fails."""
+        return bool(np.isfinite(np.einsum("td,td->t", x, x)).all())
+
     def select_rows(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return x[rows]
 

@@ -110,6 +110,11 @@ def generate(
     logits, cache, position = result.prefill.logits, result.prefill.cache, result.prefill.next_position
     start = time.perf_counter()
     while True:
+        if not np.isfinite(logits).all():
+            step = len(result.generated_ids)
+            raise OracleError(f"non-finite next-token logits (inf or NaN) at generation step {step} (position "
+                              f"{position}); the activations overflowed in decoding: check the checkpoint, or try "
+                              "--dtype float64")
         token = greedy_token(logits)
         result.generated_ids.append(token)
         result.generated_gaps.append(top2_gap(logits))

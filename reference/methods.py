@@ -25,6 +25,7 @@ from reference.checkpoint import Weights
 from reference.config import Config
 from reference.criterion import Criterion
 from reference.engine import ReferenceEngine
+from reference.errors import OracleError
 from reference.params import GEMFILTER_KERNEL, Params, check_params
 from reference.scoring import group_scores, token_scores
 from reference.selection import (
@@ -114,6 +115,16 @@ def snapkv_keep(p_heads: np.ndarray, group_size: int, budget: int, window: int):
 # ---------------------------------------------------------------- the layer loop
 
 
+def check_finite(engine, x, where: str):
+    """Stop at the first place activations stop being finite, instead of returning a confident wrong answer."""
+    if not engine.all_finite(x):
+        raise OracleError(f"non-finite activations (inf or NaN, or squares that overflow the next RMSNorm) {where}, "
+                          "the first place they appear: the checkpoint's numbers overflow the run's dtype there "
+                          "(weights or embeddings near its limit, a bad rope_theta or norm eps); check the checkpoint, "
+                          "or try --dtype float64")
+    return x
+
+
 @dataclass
 class PassResult:
     logits: np.ndarray | None
@@ -134,13 +145,14 @@ def one_pass(engine, ids: np.ndarray, p: Params, selector: str | None, stop_at_s
     positions = np.arange(N, dtype=np.int64)
     k_prime = select_k_prime(p.select_k, N, w)
     first_scored = {"fastkv": p.select_layer, "asl": p.l_min - p.l_obs + 1}.get(selector, cfg.num_hidden_layers)
-    x = engine.embed(ids)  # (N, D)
+    x = check_finite(engine, engine.embed(ids), "in the token embeddings")  # (N, D)
     records, caches = [], []
     criterion = Criterion(p.tau, p.l_min, p.l_obs, k_prime) if selector == "asl" else None
     select_layer = kept = None
     for layer in range(cfg.num_hidden_layers):
         n = len(positions)
         x, cache, q = engine.layer(layer, x, positions, q_rows=min(w, n))  # q (H, w, hd): the window's queries
+        check_finite(engine, x, f"after layer {layer} of the prefill")
         record = LayerRecord(layer, n, layer_flops(cfg, n))
         p_heads = None
         if selector is not None and select_layer is None and layer >= first_scored:
@@ -178,10 +190,11 @@ def gemfilter_first_pass(engine, ids: np.ndarray, p: Params) -> tuple[np.ndarray
     cfg = engine.config
     N = len(ids)
     positions = np.arange(N, dtype=np.int64)
-    x = engine.embed(ids)
+    x = check_finite(engine, engine.embed(ids), "in the token embeddings")
     records = []
     for layer in range(p.filter_layer):
         x, cache, _ = engine.layer(layer, x, positions, q_rows=1)
+        check_finite(engine, x, f"after layer {layer} of GemFilter's first pass")
         records.append(LayerRecord(layer, N, layer_flops(cfg, N), engine.positions(cache)))
     score = engine.gemfilter_scores(p.filter_layer, x, positions, GEMFILTER_KERNEL)  # (N,)
     count = min(p.select_k, N)

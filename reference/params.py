@@ -6,6 +6,7 @@ range is an OracleError that names the parameter and the allowed range.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from reference.errors import OracleError
@@ -81,8 +82,9 @@ def check_params(method: str, p: Params, n_layers: int) -> None:
         raise _fail("l_min", f"in [1, {n_layers}) (L_min ≥ 1 leaves room for 2 observed layers; L_min < L = {n_layers})", p.l_min)
     if "l_obs" in used and not 2 <= p.l_obs <= p.l_min + 1:
         raise _fail("l_obs", f"in [2, l-min + 1 = {p.l_min + 1}] (one layer has no variance)", p.l_obs)
-    if "tau" in used and not (isinstance(p.tau, (int, float)) and not isinstance(p.tau, bool) and p.tau > 0):
-        raise _fail("tau", "a number > 0", p.tau)
+    if "tau" in used and not (isinstance(p.tau, (int, float)) and not isinstance(p.tau, bool) and p.tau > 0
+                              and math.isfinite(p.tau)):
+        raise _fail("tau", "a finite number > 0", p.tau)
     for name in ("select_layer", "filter_layer"):
         if name in used and not 0 <= getattr(p, name) < n_layers:
             raise _fail(name, f"in [0, {n_layers}) (the model's layers)", getattr(p, name))

@@ -403,7 +403,11 @@ def _read_npz(path: Path, trace_name: str) -> dict[str, np.ndarray]:
         if not isinstance(npz, np.lib.npyio.NpzFile):
             raise ValueError("a single .npy array, not an .npz archive")
         with npz:
-            return {name: npz[name] for name in npz.files}
+            arrays = {name: npz[name] for name in npz.files}
+        for name, a in arrays.items():
+            if not isinstance(a, np.ndarray):  # NpzFile hands back a member that is not .npy as raw bytes
+                raise ValueError(f"member {name!r} is not a .npy array")
+        return arrays
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
         raise OracleError(f"{path}: not a readable .npz archive ({e}); re-save the trace with its arrays") from None
 
