@@ -343,8 +343,8 @@ def _check_arrays(doc: dict, arrays: dict[str, np.ndarray]) -> None:
         if a.ndim != 1 or a.dtype.kind != kind:
             want = "floating" if kind == "f" else "integer"
             raise _Invalid(f"array '{name}'", f"has shape {a.shape} and dtype {a.dtype}; expected a 1-D {want} array")
-        if kind == "f" and np.isnan(a).any():
-            raise _Invalid(f"array '{name}'", "holds NaN; NaN is never valid")
+        if kind == "f" and not np.isfinite(a).all():
+            raise _Invalid(f"array '{name}'", "holds NaN or an infinity; scores and logits are finite numbers")
         if expected[name] is not None and len(a) != expected[name]:
             raise _Invalid(f"array '{name}'", f"has length {len(a)}; expected {expected[name]}")
     for name in expected:
