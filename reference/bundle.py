@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reference.atomic import atomic_write
 from reference.errors import OracleError
 from reference.params import Params
 
@@ -99,11 +100,11 @@ def write_bundle(model: str, cases, out: Path, dtype: str = "float64", progress:
         inputs = {"case": case.name, "model": {"name": model, "sha256": sha}, "prompt_ids": [int(i) for i in ids],
                   "method": case.method, "params": params.to_dict(), "max_new_tokens": case.max_new_tokens,
                   "eos_token_ids": list(eos), "dtype": dtype}
-        (out / f"{case.name}.inputs.json").write_text(json.dumps(inputs, indent=1) + "\n")
+        atomic_write(out / f"{case.name}.inputs.json", json.dumps(inputs, indent=1) + "\n")
     manifest = {"bundle_version": BUNDLE_VERSION, "cases": [c.name for c in cases],
                 "model": {"name": model, "sha256": sha}, "dtype": dtype,
                 "tolerance_policy": "docs/conformance.md (reference/conformance.py)"}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    atomic_write(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")  # last: a bundle is whole or absent
     return out
 
 

@@ -215,7 +215,7 @@ def cmd_check(args) -> int:
 
 def _csv(text: str, kind=str) -> list:
     try:
-        return [kind(x) for x in text.split(",") if x.strip()]
+        return [kind(x.strip()) for x in text.split(",") if x.strip()]
     except ValueError:
         raise OracleError(f"expected a comma-separated list of {kind.__name__}s, got {text!r}") from None
 

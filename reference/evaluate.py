@@ -12,42 +12,186 @@ than mixing results. `--kv-budget` applies to the snapkv method only, so
 every other method is measured on its own; `--max-new-tokens` replaces the
 tasks' published answer limits (those count the original models' tokens; a
 chat model that restates the question, or one that splits digits, needs more).
+
+Nothing here deletes a finished row. Every line of results.jsonl is checked
+(`check_row`); a bad line anywhere but the end is an error naming its line and
+nothing is changed. A last line without its newline is a run killed while
+writing it: `read_results` skips it with a warning and leaves the file alone;
+`run_eval` moves it to OUT/results.incomplete.jsonl (appended) and removes it
+from results.jsonl by an atomic rewrite before resuming. Every argument is
+checked before settings.json is written, and files written whole are written
+atomically (`atomic_write`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
+from reference.atomic import atomic_write
 from reference.errors import OracleError
 from reference.methods import NEVER_FIRED
-from reference.params import Params, check_params
+from reference.params import METHODS, Params, check_params
+from reference.tasks import TASKS
 
 RESULTS, SETTINGS = "results.jsonl", "settings.json"
+INCOMPLETE = "results.incomplete.jsonl"  # half-written last lines that `asl eval` moved aside (appended)
 
 
 def _key(row: dict) -> tuple:
     return row["task"], row["length"], row["sample"], row["method"]
 
 
-def read_results(out: Path) -> list[dict]:
-    """Finished rows; a last line cut short by a killed run is dropped (and removed from the file)."""
-    path = out / RESULTS
+# --- writing a file whole: a temporary file beside it, fsync, os.replace --------------------------
+
+# --- one results row: the keys `run_eval` writes, their types and ranges ----------------------------
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _unit(v) -> bool:
+    return _num(v) and 0 <= v <= 1
+
+
+ROW_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {  # key -> (test, what the value must be)
+    "task": (lambda v: isinstance(v, str) and v in TASKS, "a known task name"),
+    "length": (lambda v: _int(v) and v > 0, "an integer > 0"),
+    "sample": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "seed": (_int, "an integer"),
+    "method": (lambda v: isinstance(v, str) and v in METHODS, f"one of {', '.join(METHODS)}"),
+    "n_tokens": (lambda v: _int(v) and v > 0, "an integer > 0"),
+    "depth": (lambda v: v is None or _unit(v), "null or a number in [0, 1]"),
+    "prediction": (lambda v: isinstance(v, str), "a string"),
+    "answers": (lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v), "a list of strings"),
+    "score": (_unit, "a number in [0, 1]"),
+    "select_layer": (lambda v: v is None or _int(v) and v >= 0, "null or an integer >= 0"),
+    "fired": (lambda v: isinstance(v, bool), "true or false"),
+    "kept_tokens": (lambda v: v is None or _int(v) and v >= 0, "null or an integer >= 0"),
+    "kv_bytes": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "kv_fraction": (_unit, "a number in [0, 1]"),
+    "prefill_flops_fraction": (lambda v: _num(v) and v >= 0, "a number >= 0"),
+    "prefill_seconds": (lambda v: _num(v) and v >= 0, "a number >= 0"),
+    "decode_seconds": (lambda v: _num(v) and v >= 0, "a number >= 0"),
+}
+OPTIONAL_FIELDS = {"fired"}  # rows written before it was added lack it
+
+
+def _short(v) -> str:
+    text = json.dumps(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_row(row) -> str | None:
+    """What is wrong with one parsed results line, or None when it is a valid row (extra keys are ignored)."""
+    if not isinstance(row, dict):
+        kind = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(row), "a number")
+        return f"is {kind}, not a JSON object (one run's row)"
+    missing = [k for k in ROW_FIELDS if k not in row and k not in OPTIONAL_FIELDS]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    for key, (test, what) in ROW_FIELDS.items():
+        if key in row and not test(row[key]):
+            return f"{key} must be {what}, got {_short(row[key])}"
+    return None
+
+
+@dataclass
+class _Scan:
+    path: Path
+    data: bytes  # the whole file
+    rows: list[dict]
+    line_of: list[int]  # the line number of each row
+    partial: int | None  # the line number of a half-written last line, or None
+    intact: int  # bytes before that line (len(data) when there is none)
+
+
+def _bad(path: Path, n: int, what: str) -> OracleError:
+    return OracleError(f"{path} line {n}: {what}; nothing was changed: fix or remove that line")
+
+
+def _scan(path: Path) -> _Scan:
+    """Read and check every line, changing nothing. A last line without its newline that is not JSON is a
+    run killed while writing it (reported in `partial`); any other bad line is an error naming it."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise OracleError(f"{path}: cannot read ({e.strerror})") from None
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    scan = _Scan(path, data, [], [], None, len(data))
+    seen: dict[tuple, int] = {}
+    for n, raw in enumerate(lines + ([tail] if tail else []), 1):
+        last = tail and n == len(lines) + 1
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            if last:
+                scan.partial, scan.intact = n, len(data) - len(tail)
+                break
+            raise _bad(path, n, "not UTF-8 text") from None
+        except json.JSONDecodeError as e:
+            if last:
+                scan.partial, scan.intact = n, len(data) - len(tail)
+                break
+            what = "empty line" if not raw.strip() else f"not valid JSON ({e.msg}, column {e.colno})"
+            raise _bad(path, n, what) from None
+        wrong = check_row(row)
+        if wrong:
+            raise _bad(path, n, wrong)
+        if _key(row) in seen:
+            task, length, sample, method = _key(row)
+            raise _bad(path, n, f"repeats the run of line {seen[_key(row)]} (task {task}, length {length}, "
+                                f"sample {sample}, method {method})")
+        seen[_key(row)] = n
+        scan.rows.append(row)
+        scan.line_of.append(n)
+    return scan
+
+
+def _warn(message: str) -> None:
+    print(f"asl: warning: {message}", file=sys.stderr)
+
+
+def read_results(out: Path, warn: Callable[[str], None] | None = _warn) -> list[dict]:
+    """The finished rows of OUT/results.jsonl, every line checked; the file is only read.
+
+    A bad line is an OracleError naming it; a half-written last line (no newline at the end, not JSON: a run
+    killed while writing it) is skipped, with a message to `warn`."""
+    path = Path(out) / RESULTS
     if not path.is_file():
         return []
-    lines = path.read_text().splitlines()
-    rows = []
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # only the line in flight can be incomplete
-    if len(rows) != len(lines):
-        path.write_text("".join(line + "\n" for line in lines[: len(rows)]))
-    return rows
+    scan = _scan(path)
+    if scan.partial is not None and warn is not None:
+        warn(f"{path} line {scan.partial}: half-written last line (a run killed while writing it) skipped; "
+             f"the file is left as it is (`asl eval` with the same settings moves it aside and runs it again)")
+    return scan.rows
+
+
+def _resume_results(scan: _Scan) -> None:
+    """Make results.jsonl end in a whole line before appending: a half-written last line goes to
+    results.incomplete.jsonl (appended, never overwritten), then the file is rewritten atomically without it."""
+    path = scan.path
+    if scan.partial is not None:
+        side = path.parent / INCOMPLETE
+        with open(side, "ab") as f:
+            f.write(scan.data[scan.intact:] + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        atomic_write(path, scan.data[:scan.intact])
+        _warn(f"{path} line {scan.partial}: half-written last line (a run killed while writing it) moved to "
+              f"{side}; its run is done again")
+    elif scan.data and not scan.data.endswith(b"\n"):  # a whole row that lacks only its newline
+        atomic_write(path, scan.data + b"\n")
 
 
 def method_params(method: str, params: Params) -> Params:
@@ -55,42 +199,79 @@ def method_params(method: str, params: Params) -> Params:
     return params if method == "snapkv" else replace(params, kv_budget=None)
 
 
-def _check_settings(out: Path, settings: dict) -> None:
+def _check_lists(tasks, lengths, samples, methods, max_new_tokens) -> None:
+    """The arguments that need no model: non-empty lists of known names without repeats, counts in range."""
+    for flag, xs, hint in (("--tasks", tasks, f"one of {', '.join(TASKS)}, or 'all'"),
+                           ("--lengths", lengths, "prompt lengths in tokens"),
+                           ("--methods", methods, f"one of {', '.join(METHODS)}")):
+        if not isinstance(xs, (list, tuple)) or not xs:
+            raise OracleError(f"{flag} is empty: give a comma-separated list ({hint})")
+        repeated = sorted({str(x) for x in xs if list(xs).count(x) > 1})
+        if repeated:
+            raise OracleError(f"{flag} names {', '.join(repeated)} more than once")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise OracleError(f"unknown task(s) {', '.join(map(str, unknown))}; known: {', '.join(TASKS)}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise OracleError(f"method must be one of {', '.join(METHODS)}, got {', '.join(map(repr, unknown))}")
+    bad = [n for n in lengths if not _int(n) or n < 1]
+    if bad:
+        raise OracleError(f"--lengths must be positive integers (tokens), got {', '.join(map(str, bad))}")
+    if not _int(samples) or samples < 1:
+        raise OracleError(f"--samples must be >= 1, got {samples}")
+    if max_new_tokens is not None and (not _int(max_new_tokens) or max_new_tokens < 0):
+        raise OracleError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+
+
+def _read_settings(out: Path, settings: dict) -> bool:
+    """Whether OUT/settings.json exists (then it equals `settings`, or this is refused); changes nothing."""
     path = out / SETTINGS
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old != settings:
-            differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise OracleError(f"{out} holds results of other settings ({', '.join(differ)} differ); "
+    if out.exists() and not out.is_dir():
+        raise OracleError(f"--out {out} is a file, not a folder")
+    if not path.is_file():
+        if (out / RESULTS).is_file() and (out / RESULTS).stat().st_size:
+            raise OracleError(f"{out} holds {RESULTS} but no {SETTINGS}, so its rows' settings are unknown; "
                               "choose another --out, or delete the folder to start over")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=1) + "\n")
+        return False
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise OracleError(f"{path} cannot be read as JSON ({e}); choose another --out, or delete the folder "
+                          "to start over") from None
+    if not isinstance(old, dict):
+        raise OracleError(f"{path} is not a JSON object; choose another --out, or delete the folder to start over")
+    if old != settings:
+        differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        raise OracleError(f"{out} holds results of other settings ({', '.join(differ)} differ); "
+                          "choose another --out, or delete the folder to start over")
+    return True
 
 
 def run_eval(model: str, tasks: list[str], lengths: list[int], samples: int, methods: list[str], params: Params,
              out: Path, backend: str | None = None, max_new_tokens: int | None = None, progress: bool = True) -> Path:
-    """Run (or resume) an evaluation into `out`; returns the results file."""
+    """Run (or resume) an evaluation into `out`; returns the results file.
+
+    Everything is checked before anything is written: the arguments, settings.json against these settings,
+    and every line of results.jsonl."""
     from tqdm import tqdm
 
     from reference.cli import load_model
     from reference.generate import generate
-    from reference.tasks import MAX_ANSWER_TOKENS, TASKS, make_sample, score
+    from reference.tasks import MAX_ANSWER_TOKENS, length_tolerance, make_sample, score
     from reference.trace import make_trace
 
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise OracleError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
-    if samples < 1:
-        raise OracleError(f"--samples must be ≥ 1, got {samples}")
+    out = Path(out)
+    _check_lists(tasks, lengths, samples, methods, max_new_tokens)
     model_dir, weights, tok, eos, engine = load_model(model, "float32", backend)
     if tok is None:
         raise OracleError(f"{model_dir}: no tokenizer.json; the tasks need the model's tokenizer")
     cfg = weights.config
     for method in methods:
         check_params(method, method_params(method, params), cfg.num_hidden_layers)
+    answer = max(MAX_ANSWER_TOKENS[t] for t in tasks) if max_new_tokens is None else max_new_tokens
     for length in lengths:
-        need = length + max(MAX_ANSWER_TOKENS[t] for t in tasks) + 64
+        need = length + length_tolerance(length) + answer  # the longest prompt a task may build, plus its answer
         if need > cfg.max_position_embeddings:
             raise OracleError(f"length {length} (+ answer) exceeds the model's max_position_embeddings "
                               f"({cfg.max_position_embeddings}); use shorter --lengths")
@@ -99,8 +280,22 @@ def run_eval(model: str, tasks: list[str], lengths: list[int], samples: int, met
             make_sample(task, tok, length, seed=0)
     settings = {"model": model, "tasks": tasks, "lengths": lengths, "samples": samples, "methods": methods,
                 "params": params.to_dict(), "backend": backend, "max_new_tokens": max_new_tokens}
-    _check_settings(out, settings)
-    done = {_key(r) for r in read_results(out)}
+    pinned = _read_settings(out, settings)
+    scan = _scan(out / RESULTS) if (out / RESULTS).is_file() else None
+    planned = {(t, n, i, m) for t in tasks for n in lengths for i in range(samples) for m in methods}
+    for row, n in zip(scan.rows if scan else [], scan.line_of if scan else []):
+        if _key(row) not in planned:
+            raise _bad(out / RESULTS, n, "is a run outside these settings (task, length, sample or method)")
+    # checked: from here on files are written
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not pinned:
+            atomic_write(out / SETTINGS, json.dumps(settings, indent=1) + "\n")
+        if scan is not None:
+            _resume_results(scan)
+    except OSError as e:
+        raise OracleError(f"{out}: cannot write ({e.strerror})") from None
+    done = {_key(r) for r in scan.rows} if scan else set()
     todo = [(t, n, i) for t in tasks for n in lengths for i in range(samples)]
     bar = tqdm(total=len(todo) * len(methods), initial=len(done), desc="eval", unit="run", disable=not progress,
                file=sys.stderr)
@@ -127,6 +322,10 @@ def run_eval(model: str, tasks: list[str], lengths: list[int], samples: int, met
                        "kv_bytes": trace["totals"]["kv_bytes"], "kv_fraction": trace["totals"]["kv_fraction"],
                        "prefill_flops_fraction": trace["totals"]["prefill_flops"] / trace["totals"]["prefill_flops_full"],
                        "prefill_seconds": gen.prefill_seconds, "decode_seconds": gen.decode_seconds}
+                wrong = check_row(row)
+                if wrong:  # a row that a rerun would refuse is not written
+                    raise OracleError(f"task {task}, length {length}, sample {i}, method {method}: the run's row "
+                                      f"{wrong}; not written")
                 results.write(json.dumps(row) + "\n")
                 results.flush()
                 os.fsync(results.fileno())

@@ -5,16 +5,23 @@ vs full, prefill time vs full) and, next to it, report-depth-length.png (a
 depth × length accuracy heatmap per method for the tasks with one needle),
 report-select-layer.png (ASL's selection layer per task) and
 report-accuracy-kv.png (accuracy against KV saving per method).
+
+DIR/results.jsonl and DIR/settings.json are only read. Every results line is
+checked (`reference.evaluate.check_row`): a bad line is an error naming it; a
+half-written last line (a run killed while writing it) is skipped with a
+warning. The report and the pictures are each written atomically.
 """
 
 from __future__ import annotations
 
+import io
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from reference.errors import OracleError
+from reference.atomic import atomic_write
 from reference.evaluate import read_results
 
 SELECTING = ("fastkv", "gemfilter", "asl", "asl-2pass")
@@ -75,6 +82,13 @@ def markdown(rows: list[dict], table: dict) -> str:
     return "\n".join(lines)
 
 
+def _save(fig, path: Path) -> None:
+    """The figure as a PNG, written atomically."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write(path, buf.getvalue())
+
+
 def pictures(rows: list[dict], table: dict, out: Path) -> None:
     import matplotlib
 
@@ -89,7 +103,7 @@ def pictures(rows: list[dict], table: dict, out: Path) -> None:
     ax.set(title="Accuracy against KV saving (one point per task)", xlabel="KV saving vs full", ylabel="accuracy")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "report-accuracy-kv.png", dpi=100)
+    _save(fig, out / "report-accuracy-kv.png")
     plt.close(fig)
 
     tasks = list(dict.fromkeys(r["task"] for r in rows))
@@ -104,7 +118,7 @@ def pictures(rows: list[dict], table: dict, out: Path) -> None:
         ax.annotate(f"never fired: {n}", (i + 1, ax.get_ylim()[1]), ha="center", va="top", fontsize=8)
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
-    fig.savefig(out / "report-select-layer.png", dpi=100)
+    _save(fig, out / "report-select-layer.png")
     plt.close(fig)
 
     needle = [r for r in rows if r.get("depth") is not None]
@@ -125,17 +139,21 @@ def pictures(rows: list[dict], table: dict, out: Path) -> None:
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
     fig.colorbar(im, ax=axes[0].tolist(), label="accuracy")
     fig.suptitle("Accuracy by needle depth and prompt length")
-    fig.savefig(out / "report-depth-length.png", dpi=100)
+    _save(fig, out / "report-depth-length.png")
     plt.close(fig)
 
 
 def write_report(out: Path, with_pictures: bool = True) -> Path:
+    """DIR/report.md (and the pictures) from DIR/results.jsonl, which is only read; returns report.md's path."""
     rows = read_results(Path(out))
     if not rows:
         raise OracleError(f"{out}: no results.jsonl rows; run `asl eval ... --out {out}` first")
     table = summarize(rows)
     path = Path(out) / "report.md"
-    path.write_text(markdown(rows, table))
-    if with_pictures:
-        pictures(rows, table, Path(out))
+    try:
+        atomic_write(path, markdown(rows, table))
+        if with_pictures:
+            pictures(rows, table, Path(out))
+    except OSError as e:
+        raise OracleError(f"{out}: cannot write the report ({e.strerror})") from None
     return path

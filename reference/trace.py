@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import math
 import zipfile
@@ -24,6 +25,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from reference.atomic import atomic_write
 from reference.config import Config
 from reference.errors import OracleError
 from reference.generate import Generation
@@ -386,10 +388,12 @@ def save_trace(trace: dict, arrays: dict[str, np.ndarray], path: str | Path, *, 
         _validate(doc, arrays if with_arrays else None)
     except _Invalid as e:
         raise OracleError(f"refusing to write {path}: {e}") from None
-    try:
+    try:  # each file atomically: a crash never leaves half a trace
         if with_arrays:
-            np.savez_compressed(npz, **arrays)
-        path.write_text(json.dumps(doc, indent=1, sort_keys=True, allow_nan=False, ensure_ascii=False) + "\n")
+            buffer = io.BytesIO()
+            np.savez_compressed(buffer, **arrays)
+            atomic_write(npz, buffer.getvalue())
+        atomic_write(path, json.dumps(doc, indent=1, sort_keys=True, allow_nan=False, ensure_ascii=False) + "\n")
     except OSError as e:
         raise OracleError(f"cannot write the trace to {path}: {e.strerror or e}") from None
 
