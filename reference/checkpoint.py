@@ -12,15 +12,22 @@ file (never copied); F16/BF16, or any tensor used in float64, is converted once.
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from reference.config import Config, load_config
+from reference.config import Config, load_config, read_json, show
 from reference.errors import OracleError
-from reference.safetensors_io import SafetensorsFile, map_tensor, open_mapped, read_header
+from reference.safetensors_io import (
+    SafetensorsFile,
+    map_tensor,
+    open_mapped,
+    quote_name,
+    read_header,
+)
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 
@@ -54,56 +61,124 @@ class Weights:
     dtype: np.dtype
 
 
-def expected_tensors(cfg: Config) -> dict[str, tuple[int, ...]]:
-    """Every tensor name the config implies, with its shape."""
-    D, F, V, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
-    q_out, kv_out = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+def _axes(cfg: Config) -> dict[str, tuple[str, ...]]:
+    """Every tensor name the config implies, with its shape as axis symbols (see _axis_sizes)."""
+    axes = {"model.embed_tokens.weight": ("V", "D"), "model.norm.weight": ("D",)}
     if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (V, D)
+        axes["lm_head.weight"] = ("V", "D")
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (D,),
-            p + "self_attn.q_proj.weight": (q_out, D),
-            p + "self_attn.k_proj.weight": (kv_out, D),
-            p + "self_attn.v_proj.weight": (kv_out, D),
-            p + "self_attn.o_proj.weight": (D, q_out),
-            p + "post_attention_layernorm.weight": (D,),
-            p + "mlp.gate_proj.weight": (F, D),
-            p + "mlp.up_proj.weight": (F, D),
-            p + "mlp.down_proj.weight": (D, F),
+        axes |= {
+            p + "input_layernorm.weight": ("D",),
+            p + "self_attn.q_proj.weight": ("Q", "D"),
+            p + "self_attn.k_proj.weight": ("KV", "D"),
+            p + "self_attn.v_proj.weight": ("KV", "D"),
+            p + "self_attn.o_proj.weight": ("D", "Q"),
+            p + "post_attention_layernorm.weight": ("D",),
+            p + "mlp.gate_proj.weight": ("F", "D"),
+            p + "mlp.up_proj.weight": ("F", "D"),
+            p + "mlp.down_proj.weight": ("D", "F"),
         }
         if cfg.attention_bias:
-            shapes |= {
-                p + "self_attn.q_proj.bias": (q_out,),
-                p + "self_attn.k_proj.bias": (kv_out,),
-                p + "self_attn.v_proj.bias": (kv_out,),
+            axes |= {
+                p + "self_attn.q_proj.bias": ("Q",),
+                p + "self_attn.k_proj.bias": ("KV",),
+                p + "self_attn.v_proj.bias": ("KV",),
             }
         if cfg.o_proj_bias:
-            shapes[p + "self_attn.o_proj.bias"] = (D,)
-    return shapes
+            axes[p + "self_attn.o_proj.bias"] = ("D",)
+    return axes
+
+
+def _axis_sizes(cfg: Config) -> dict[str, tuple[int, str, str]]:
+    """axis symbol -> (size, how config.json gives it, the keys to fix)."""
+    H, H_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    return {
+        "V": (cfg.vocab_size, f"vocab_size = {cfg.vocab_size}", "vocab_size"),
+        "D": (cfg.hidden_size, f"hidden_size = {cfg.hidden_size}", "hidden_size"),
+        "F": (cfg.intermediate_size, f"intermediate_size = {cfg.intermediate_size}", "intermediate_size"),
+        "Q": (H * hd, f"num_attention_heads × head_dim = {H} × {hd} = {H * hd}", "num_attention_heads or head_dim"),
+        "KV": (H_kv * hd, f"num_key_value_heads × head_dim = {H_kv} × {hd} = {H_kv * hd}",
+               "num_key_value_heads or head_dim"),
+    }
+
+
+def expected_tensors(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor name the config implies, with its shape."""
+    sizes = _axis_sizes(cfg)
+    return {name: tuple(sizes[a][0] for a in axes) for name, axes in _axes(cfg).items()}
+
+
+def _inside(model_dir: Path, path: Path, listed_in: Path | None = None) -> Path:
+    """`path`, refused unless it (after following symlinks) lies inside `model_dir`.
+
+    The one exception is the Hugging Face hub cache's own layout, where every file of
+    `.../snapshots/<revision>/` is a symlink into `.../blobs/`.
+    """
+    where = listed_in or path
+    try:
+        real, root = path.resolve(), model_dir.resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, an unreadable directory
+        raise OracleError(f"{where}: cannot resolve {quote_name(path.name)} ({e}); fix the checkpoint directory") from None
+    if real.is_relative_to(root):
+        return path
+    hub_blobs = root.parent.parent / "blobs"
+    if root.parent.name == "snapshots" and path.is_symlink() and real.parent == hub_blobs:
+        return path
+    shown = path.relative_to(model_dir) if path.is_relative_to(model_dir) else path
+    raise OracleError(
+        f"{where}: {quote_name(str(shown))} resolves to {quote_name(str(real))}, outside the checkpoint "
+        f"directory {root}; every weights file must lie inside it (copy the file in instead of linking to it)"
+    )
+
+
+def _shard_path(model_dir: Path, index: Path, name: str, shard) -> Path:
+    """The file an index entry names: a relative path that stays inside the directory."""
+    if not isinstance(shard, str) or not shard or "\x00" in shard:
+        raise OracleError(
+            f"{index}: weight_map[{quote_name(name)}] must be a shard file name (a non-empty string), "
+            f"got {show(shard)}; fix model.safetensors.index.json"
+        )
+    relative = Path(shard)
+    if relative.is_absolute():
+        raise OracleError(
+            f"{index}: weight_map[{quote_name(name)}] names the shard {show(shard)}, an absolute path, not inside "
+            f"{model_dir}; shards must be file names relative to the checkpoint directory"
+        )
+    return _inside(model_dir, model_dir / relative, index)
 
 
 def shard_files(model_dir: Path) -> dict[str, Path]:
-    """tensor name -> the .safetensors file that holds it."""
+    """tensor name -> the .safetensors file that holds it (every file inside `model_dir`)."""
     single = model_dir / "model.safetensors"
     index = model_dir / "model.safetensors.index.json"
     if single.is_file():
+        _inside(model_dir, single)
         return {name: single for name in read_header(single).tensors}
     if not index.is_file():
         raise OracleError(
             f"{model_dir}: neither model.safetensors nor model.safetensors.index.json found; "
             "only safetensors checkpoints are supported (convert .bin/.pt files first)"
         )
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise OracleError(f"{index}: not a valid safetensors index ({e!r})") from None
-    files = {name: model_dir / shard for name, shard in weight_map.items()}
-    for shard in sorted(set(files.values())):
-        if not shard.is_file():
-            raise OracleError(f"{index}: lists shard '{shard.name}', which is missing from {model_dir}")
+    _inside(model_dir, index)
+    fix = "fix or re-download model.safetensors.index.json"
+    doc = read_json(index, fix)
+    if not isinstance(doc, dict) or "weight_map" not in doc:
+        raise OracleError(f"{index}: not a valid safetensors index (no \"weight_map\" object at the top); {fix}")
+    weight_map = doc["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise OracleError(
+            f"{index}: weight_map must be an object {{tensor name: shard file}}, got {show(weight_map)}; {fix}"
+        )
+    shards: dict[str, Path] = {}
+    files = {}
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or shard not in shards:
+            shards[shard] = _shard_path(model_dir, index, name, shard)  # refuses a non-string
+        files[name] = shards[shard]
+    for shard, path in sorted(shards.items()):
+        if not path.is_file():
+            raise OracleError(f"{index}: lists shard {quote_name(shard)}, which is missing from {model_dir}")
     return files
 
 
@@ -137,18 +212,126 @@ def non_finite_error(name: str, where: Path) -> OracleError:
     return OracleError(f"{where}: tensor '{name}' holds NaN or infinite values; the checkpoint is corrupt")
 
 
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
+# Tensors that Hugging Face itself ignores when loading: rotary buffers of old conversions.
+_IGNORED_NAME = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def _layer_index(name: str) -> int | None:
+    match = _LAYER_NAME.match(name)
+    if match is None:
+        return None
+    digits = match.group(1)
+    return int(digits) if len(digits) < 19 else 10**19
+
+
+def _check_layer_count(cfg: Config, names, model_dir: Path) -> None:
+    """num_hidden_layers against the layers the tensors hold, before anything loops over L.
+
+    L may not exceed the number of distinct layer indices among the tensor names (a
+    layer with no tensor at all cannot be complete), nor fall below the highest index
+    + 1 (those tensors would be ignored): so L is bounded by the files' own size.
+    """
+    indices = {i for i in map(_layer_index, names) if i is not None}
+    L, config = cfg.num_hidden_layers, model_dir / "config.json"
+    if not indices:
+        raise OracleError(
+            f"{model_dir}: the checkpoint holds no decoder-layer tensors (model.layers.N.*), but config.json "
+            f"asks for num_hidden_layers = {L}; the weights are incomplete or not a Llama/Qwen2/Mistral checkpoint"
+        )
+    held, top = len(indices), max(indices) + 1
+    if L > held:
+        what = f"model.layers.0 to model.layers.{top - 1}" if held == top else f"{held} distinct indices up to {top - 1}"
+        raise OracleError(
+            f"{config}: num_hidden_layers is {L}, but the checkpoint's tensors hold {held} layers ({what}); "
+            f"set num_hidden_layers to {held} in config.json, or use the complete checkpoint"
+        )
+    if L < top:
+        beyond = sorted((n for n in names if (_layer_index(n) or 0) >= L), key=lambda n: (_layer_index(n), n))
+        raise OracleError(
+            f"{config}: num_hidden_layers is {L}, but the checkpoint holds tensors for layers up to {top - 1}: "
+            f"{quote_name(beyond[0])} (and {len(beyond) - 1} more) would be ignored; "
+            f"set num_hidden_layers to {top} in config.json"
+        )
+
+
+def _unused_tensor_error(cfg: Config, extras: list[str], model_dir: Path) -> OracleError:
+    more = f" (and {len(extras) - 1} more)" if len(extras) > 1 else ""
+    name = extras[0]
+    if ".self_attn." in name and name.endswith(".bias") and not cfg.attention_bias:
+        fix = "the weights have attention biases: set attention_bias to true in config.json"
+    elif ".mlp." in name and name.endswith(".bias"):
+        fix = "the weights have MLP biases (mlp_bias), which this reference does not support"
+    else:
+        fix = "the checkpoint and its config.json do not belong together; use the config.json that came with the weights"
+    return OracleError(
+        f"{model_dir}: tensor {quote_name(name)}{more} is in the checkpoint, but config.json "
+        f"(model_type={cfg.model_type}, attention_bias={str(cfg.attention_bias).lower()}, "
+        f"tie_word_embeddings={str(cfg.tie_word_embeddings).lower()}) does not use it; {fix}"
+    )
+
+
+def _shape_error(cfg: Config, name: str, actual: tuple, where: Path, model_dir: Path) -> OracleError:
+    axes, sizes = _axes_of(cfg, name), _axis_sizes(cfg)
+    shape = tuple(sizes[a][0] for a in axes)
+    if len(actual) != len(shape):
+        detail = f"it has {len(actual)} axes where {len(shape)} are expected"
+        keys = "nothing in config.json explains this"
+    else:
+        wrong = [(i, a) for i, a in enumerate(axes) if actual[i] != sizes[a][0]]
+        detail = "; ".join(f"axis {i} holds {actual[i]}, but config.json says {sizes[a][1]}" for i, a in wrong)
+        keys = "fix " + " and ".join(dict.fromkeys(sizes[a][2] for _, a in wrong)) + f" in {model_dir / 'config.json'}"
+    return OracleError(
+        f"{where}: tensor {quote_name(name)} has shape {actual}, but config.json implies {shape} ({detail}); "
+        f"the checkpoint and its config.json do not belong together: {keys}"
+    )
+
+
+def _axes_of(cfg: Config, name: str) -> tuple[str, ...]:
+    index = _layer_index(name)
+    if index is None:
+        return _axes(dataclasses.replace(cfg, num_hidden_layers=0))[name]
+    one = _axes(dataclasses.replace(cfg, num_hidden_layers=1))
+    return one[name.replace(f"model.layers.{index}.", "model.layers.0.", 1)]
+
+
 def open_checkpoint(model_dir: Path) -> tuple[Config, dict[str, Path], dict[str, tuple[int, ...]]]:
-    """config, tensor name -> file, tensor name -> expected shape; every expected tensor present."""
+    """config, tensor name -> file, tensor name -> expected shape.
+
+    Every expected tensor is present with its shape, and every tensor present is used,
+    checked from the headers alone: nothing is allocated or loaded before this passes.
+    """
     cfg = load_config(model_dir)
     files = shard_files(model_dir)
+    _check_layer_count(cfg, files, model_dir)
     shapes = expected_tensors(cfg)
     missing = [name for name in shapes if name not in files]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        if missing[0].endswith(".bias") and cfg.model_type != "qwen2":
+            fix = "the weights have no attention biases: set attention_bias to false in config.json"
+        elif missing[0] == "lm_head.weight":
+            fix = "the weights have no lm_head: set tie_word_embeddings to true in config.json if it is tied"
+        else:
+            fix = "the checkpoint is incomplete, or its config.json belongs to another model"
         raise OracleError(
             f"{model_dir}: tensor '{missing[0]}'{more} is missing; config.json "
-            f"(model_type={cfg.model_type}, {cfg.num_hidden_layers} layers) expects it"
+            f"(model_type={cfg.model_type}, {cfg.num_hidden_layers} layers) expects it; {fix}"
         )
+    ignored = {"lm_head.weight"} if cfg.tie_word_embeddings else set()  # as transformers: tied wins
+    extras = [n for n in files if n not in shapes and n not in ignored and not _IGNORED_NAME.fullmatch(n)]
+    if extras:
+        raise _unused_tensor_error(cfg, extras, model_dir)
+    headers = {path: read_header(path) for path in dict.fromkeys(files[name] for name in shapes)}
+    for name, shape in shapes.items():
+        info = headers[files[name]].tensors.get(name)
+        if info is None:
+            raise OracleError(
+                f"{files[name]}: the index says it holds {quote_name(name)}, but it does not; "
+                "fix or re-download model.safetensors.index.json and the shards"
+            )
+        if info.shape != shape:
+            raise _shape_error(cfg, name, info.shape, files[name], model_dir)
     return cfg, files, shapes
 
 

@@ -1,13 +1,18 @@
 """Config: the model's shape and constants, parsed from a checkpoint's config.json.
 
-Required keys are required, `num_key_value_heads` and `head_dim` are read
-explicitly, H % H_kv == 0 is checked, and unknown architectures or rope-scaling
-types are refused with an error that names them. Nothing is guessed from the
-model's name.
+Every key the reference reads is strictly typed and range-checked before it is
+used (`config_schema.json`, checked with jsonschema; the cross-field rules are
+below): an integer is a JSON integer, a boolean a JSON boolean, a number a
+finite JSON number. Required keys are required, `num_key_value_heads` and
+`head_dim` are read explicitly, H % H_kv == 0 is checked, token ids lie in the
+vocabulary, and unknown architectures or rope-scaling types are refused with an
+error that names them. Unknown keys are ignored. Nothing is guessed from the
+model's name. Sizes are checked against the tensors by reference.checkpoint.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -18,6 +23,11 @@ from reference.errors import OracleError
 # model_type -> whether q/k/v projections carry a bias by construction.
 ARCHITECTURES = {"llama": False, "mistral": False, "qwen2": True}
 ROPE_TYPES = ("default", "linear", "llama3")
+SCHEMA_PATH = Path(__file__).with_name("config_schema.json")
+MAX_JSON_BYTES = 64 * 2**20  # config / index / generation_config files are kilobytes; refuse absurd ones
+ROPE_KEYS = ("rope_scaling", "rope_parameters")
+NUMBER_KEYS = ("rms_norm_eps", "rope_theta")
+ROPE_NUMBER_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "rope_theta")
 
 
 @dataclass(frozen=True)
@@ -64,48 +74,148 @@ class Config:
         return self.attention_bias and self.model_type != "qwen2"
 
 
-def _require(raw: dict, key: str, kind: type, source: str):
-    if key not in raw:
-        raise OracleError(f"{source}: required key '{key}' is missing; add it to config.json")
-    value = raw[key]
-    if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
-        raise OracleError(f"{source}: '{key}' must be an integer, got {value!r}")
-    if kind is float and not isinstance(value, (int, float)):
-        raise OracleError(f"{source}: '{key}' must be a number, got {value!r}")
-    return kind(value)
+# ---------------------------------------------------------------- reading JSON files
 
 
-def _positive(value: int, key: str, source: str) -> int:
-    if value <= 0:
-        raise OracleError(f"{source}: '{key}' must be positive, got {value}")
-    return value
+def show(value, limit: int = 80) -> str:
+    """A value as it would read in the JSON file, shortened; safe for any Python value."""
+    try:
+        text = json.dumps(value, ensure_ascii=True, allow_nan=True)
+    except (TypeError, ValueError, RecursionError):
+        try:
+            text = repr(value)
+        except (ValueError, RecursionError):  # e.g. an integer too long to print
+            text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON (JSON has no NaN or infinity)")
+
+
+def read_json(path: Path, fix: str):
+    """The parsed JSON of `path`: UTF-8, standard JSON only (no NaN), any failure an OracleError."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise OracleError(f"{path}: is {size} bytes, far more than such a file holds (limit {MAX_JSON_BYTES}); {fix}")
+        blob = path.read_bytes()
+    except OSError as e:
+        raise OracleError(f"{path}: cannot be read ({e.strerror or e}); {fix}") from None
+    try:
+        text = blob.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise OracleError(f"{path}: is not UTF-8 text (invalid byte at offset {e.start}); {fix}") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise OracleError(f"{path}: not valid JSON ({e}); {fix}") from None
+    except ValueError as e:  # NaN / Infinity, or an integer literal too long to convert
+        raise OracleError(f"{path}: not valid JSON ({e}); {fix}") from None
+    except RecursionError:
+        raise OracleError(f"{path}: not valid JSON (nested too deeply); {fix}") from None
+
+
+def check_token_ids(value, key: str, vocab_size: int, source: str, fix: str, allow_list: bool = True) -> tuple[int, ...]:
+    """An eos-style value (null, an id, or a list of ids) as a tuple, each id in [0, vocab_size)."""
+    ids = [] if value is None else value if isinstance(value, list) and allow_list else [value]
+    for token in ids:
+        if not (isinstance(token, int) and not isinstance(token, bool) and 0 <= token < vocab_size):
+            what = " or a list of them" if allow_list else ""
+            raise OracleError(
+                f"{source}: {key} must be a token id (an integer in [0, {vocab_size}), the vocabulary){what}, "
+                f"got {show(value)}; {fix}"
+            )
+    return tuple(ids)
+
+
+# ---------------------------------------------------------------- the schema
+
+
+@functools.lru_cache(maxsize=1)
+def _validator():
+    from jsonschema import Draft202012Validator, validators
+
+    # JSON Schema's "integer" admits 8.0; config.json's integers must be written as integers.
+    checker = Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool)
+    )
+    strict = validators.extend(Draft202012Validator, type_checker=checker)
+    return strict(json.loads(SCHEMA_PATH.read_text()))
+
+
+def _describe(raw: dict, path: list) -> tuple[str, str, object]:
+    """(the key as dotted text, what it must be, its value) for the outermost described key on `path`."""
+    schema = _validator().schema
+    key = path[0]
+    rope_props = schema["$defs"]["rope"]["properties"]
+    if key in ROPE_KEYS and len(path) > 1 and path[1] in rope_props:
+        return f"{key}.{path[1]}", rope_props[path[1]]["description"], raw[key][path[1]]
+    return str(key), schema["properties"][key]["description"], raw[key]
+
+
+def _check_schema(raw: dict, source: str) -> None:
+    from jsonschema.exceptions import best_match
+
+    error = best_match(_validator().iter_errors(raw))
+    if error is None:
+        return
+    path = list(error.absolute_path)
+    if error.validator == "required" and not path:
+        missing = next(name for name in error.schema["required"] if name not in raw)
+        raise OracleError(
+            f"{source}: required key '{missing}' is missing; add it to config.json "
+            f"(expected {_validator().schema['properties'][missing]['description']})"
+        )
+    key, description, value = _describe(raw, path)
+    bound = f" at most {error.validator_value}" if error.validator == "maximum" and isinstance(value, int) else ""
+    raise OracleError(f"{source}: {key} must be {description}{bound}, got {show(value)}; fix it in config.json")
+
+
+def _check_finite(raw: dict, source: str) -> None:
+    """NaN passes JSON Schema's comparisons; refuse it (and infinities) in every number we read."""
+    found = [(k, raw[k]) for k in NUMBER_KEYS if k in raw]
+    for rope in ROPE_KEYS:
+        if isinstance(raw.get(rope), dict):
+            found += [(f"{rope}.{k}", raw[rope][k]) for k in ROPE_NUMBER_KEYS if k in raw[rope]]
+    for key, value in found:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise OracleError(f"{source}: {key} must be a finite number, got {show(value)}; fix it in config.json")
+
+
+# ---------------------------------------------------------------- parsing
 
 
 def _parse_rope_scaling(raw: dict, source: str) -> RopeScaling:
     # transformers >= 5 writes `rope_parameters`; older files write `rope_scaling`.
-    scaling = raw.get("rope_parameters") or raw.get("rope_scaling")
+    key = "rope_parameters" if raw.get("rope_parameters") else "rope_scaling"
+    scaling = raw.get(key)
     if not scaling:
         return RopeScaling()
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise OracleError(
-            f"{source}: rope scaling type '{rope_type}' is not supported; "
-            f"supported: {', '.join(ROPE_TYPES)}"
+            f"{source}: rope scaling type {rope_type!r} is not supported (in {key}); "
+            f"supported: {', '.join(ROPE_TYPES)}; fix config.json or use another checkpoint"
         )
     if rope_type == "default":
         return RopeScaling()
-    factor = float(scaling.get("factor", 0.0))
-    if not factor > 0.0:
-        raise OracleError(f"{source}: rope scaling '{rope_type}' needs a positive 'factor'")
+    if "factor" not in scaling:
+        raise OracleError(
+            f"{source}: rope scaling '{rope_type}' needs a positive 'factor' ({key}.factor is missing); "
+            "add it to config.json"
+        )
+    factor = float(scaling["factor"])
     if rope_type == "linear":
         return RopeScaling("linear", factor)
-    return RopeScaling(
-        "llama3",
-        factor,
-        float(scaling.get("low_freq_factor", 1.0)),
-        float(scaling.get("high_freq_factor", 4.0)),
-        int(scaling.get("original_max_position_embeddings", 8192)),
-    )
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    if not high > low:
+        raise OracleError(
+            f"{source}: {key}.high_freq_factor ({show(high)}) must be greater than {key}.low_freq_factor "
+            f"({show(low)}) for llama3 rope scaling; fix config.json"
+        )
+    return RopeScaling("llama3", factor, low, high, scaling.get("original_max_position_embeddings", 8192))
 
 
 def _rope_theta(raw: dict) -> float:
@@ -119,68 +229,75 @@ def _sliding_window(raw: dict, model_type: str) -> int | None:
         return None
     if model_type == "llama" or window is None:
         return None
-    return int(window)
-
-
-def _eos_ids(raw) -> tuple[int, ...]:
-    if raw is None:
-        return ()
-    return tuple(raw) if isinstance(raw, list) else (int(raw),)
+    return window
 
 
 def parse_config(raw: dict, source: str = "config.json") -> Config:
-    """Build a Config from the parsed JSON of a config.json, checking every field."""
+    """Build a Config from the parsed JSON of a config.json, checking every field it reads."""
+    if not isinstance(raw, dict):
+        raise OracleError(f"{source}: expected a JSON object {{...}}, got {show(raw)}; fix config.json")
     model_type = raw.get("model_type")
-    if model_type not in ARCHITECTURES:
+    if isinstance(model_type, str) and model_type not in ARCHITECTURES:
         raise OracleError(
-            f"{source}: model_type {model_type!r} is not supported; "
-            f"supported: {', '.join(ARCHITECTURES)}"
+            f"{source}: model_type {model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)} "
+            "(fix model_type in config.json if it is misspelt, or use a checkpoint of these architectures)"
         )
+    try:
+        _check_schema(raw, source)
+    except RecursionError:
+        raise OracleError(f"{source}: a value is nested too deeply to check; fix config.json") from None
+    _check_finite(raw, source)
     act = raw.get("hidden_act", "silu")
     if act != "silu":
-        raise OracleError(f"{source}: hidden_act {act!r} is not supported; only 'silu' (SwiGLU)")
+        raise OracleError(f"{source}: hidden_act {act!r} is not supported; only 'silu' (SwiGLU); "
+                          "use a checkpoint with hidden_act \"silu\"")
     if raw.get("mlp_bias", False):
-        raise OracleError(f"{source}: mlp_bias=true is not supported by this reference")
+        raise OracleError(f"{source}: mlp_bias=true is not supported by this reference; "
+                          "use a checkpoint without MLP biases")
 
-    H = _positive(_require(raw, "num_attention_heads", int, source), "num_attention_heads", source)
-    H_kv = _positive(int(raw.get("num_key_value_heads", H)), "num_key_value_heads", source)
+    H = raw["num_attention_heads"]
+    H_kv = raw.get("num_key_value_heads", H)
     if H % H_kv:
         raise OracleError(
-            f"{source}: num_attention_heads ({H}) must be a multiple of num_key_value_heads ({H_kv})"
+            f"{source}: num_attention_heads ({H}) must be a multiple of num_key_value_heads ({H_kv}); "
+            "fix config.json"
         )
-    D = _positive(_require(raw, "hidden_size", int, source), "hidden_size", source)
-    head_dim = raw.get("head_dim") or D // H
+    D, V = raw["hidden_size"], raw["vocab_size"]
+    head_dim = raw.get("head_dim")
+    if head_dim is None:
+        head_dim = D // H
+        if head_dim == 0:
+            raise OracleError(
+                f"{source}: head_dim is absent and hidden_size // num_attention_heads = {D} // {H} = 0; "
+                "add head_dim to config.json"
+            )
     if head_dim % 2:
-        raise OracleError(f"{source}: head_dim must be even for rotary embedding, got {head_dim}")
-
-    eps = _require(raw, "rms_norm_eps", float, source)
-    if not (math.isfinite(eps) and eps > 0):
-        raise OracleError(f"{source}: rms_norm_eps must be a positive number, got {eps}")
+        raise OracleError(
+            f"{source}: head_dim must be even for rotary embedding, got {head_dim}; fix head_dim in config.json"
+        )
+    fix = "fix it in config.json"
+    bos = raw.get("bos_token_id")
+    if bos is not None:
+        check_token_ids(bos, "bos_token_id", V, source, fix, allow_list=False)
 
     return Config(
-        model_type=model_type,
-        vocab_size=_positive(_require(raw, "vocab_size", int, source), "vocab_size", source),
+        model_type=raw["model_type"],
+        vocab_size=V,
         hidden_size=D,
-        intermediate_size=_positive(
-            _require(raw, "intermediate_size", int, source), "intermediate_size", source
-        ),
-        num_hidden_layers=_positive(
-            _require(raw, "num_hidden_layers", int, source), "num_hidden_layers", source
-        ),
+        intermediate_size=raw["intermediate_size"],
+        num_hidden_layers=raw["num_hidden_layers"],
         num_attention_heads=H,
         num_key_value_heads=H_kv,
-        head_dim=int(head_dim),
-        rms_norm_eps=eps,
+        head_dim=head_dim,
+        rms_norm_eps=float(raw["rms_norm_eps"]),
         rope_theta=_rope_theta(raw),
-        max_position_embeddings=_positive(
-            _require(raw, "max_position_embeddings", int, source), "max_position_embeddings", source
-        ),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        attention_bias=ARCHITECTURES[model_type] or bool(raw.get("attention_bias", False)),
+        max_position_embeddings=raw["max_position_embeddings"],
+        tie_word_embeddings=raw.get("tie_word_embeddings", False),
+        attention_bias=ARCHITECTURES[raw["model_type"]] or raw.get("attention_bias", False),
         rope_scaling=_parse_rope_scaling(raw, source),
-        sliding_window=_sliding_window(raw, model_type),
-        bos_token_id=raw.get("bos_token_id"),
-        eos_token_ids=_eos_ids(raw.get("eos_token_id")),
+        sliding_window=_sliding_window(raw, raw["model_type"]),
+        bos_token_id=bos,
+        eos_token_ids=check_token_ids(raw.get("eos_token_id"), "eos_token_id", V, source, fix),
     )
 
 
@@ -189,10 +306,7 @@ def load_config(model_dir: str | Path) -> Config:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise OracleError(f"{model_dir}: no config.json; is this a Hugging Face checkpoint directory?")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise OracleError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json(path, "fix or re-download config.json")
     if not isinstance(raw, dict):
-        raise OracleError(f"{path}: expected a JSON object")
+        raise OracleError(f"{path}: expected a JSON object {{...}}, got {show(raw)}; fix config.json")
     return parse_config(raw, str(path))

@@ -6,7 +6,6 @@ lowest id on exact ties, and stops at an end-of-sequence token or the limit.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +14,8 @@ import numpy as np
 
 from reference.checkpoint import Weights
 from reference.config import Config
-from reference.errors import OracleError
 from reference.engine import ReferenceEngine
+from reference.errors import OracleError
 from reference.methods import PrefillResult, run_prefill
 from reference.params import Params
 
@@ -62,12 +61,17 @@ def check_prompt(cfg: Config, prompt_ids, max_new_tokens: int = 0) -> np.ndarray
 
 
 def eos_token_ids(model_dir: str | Path, cfg: Config) -> tuple[int, ...]:
-    """End-of-sequence ids from generation_config.json, else from config.json."""
+    """End-of-sequence ids from generation_config.json, else from config.json; each id in the vocabulary."""
+    from reference.config import check_token_ids, read_json, show
+
     path = Path(model_dir) / "generation_config.json"
     if path.is_file():
-        raw = json.loads(path.read_text()).get("eos_token_id")
-        if raw is not None:
-            return tuple(raw) if isinstance(raw, list) else (int(raw),)
+        fix = "fix or delete generation_config.json"
+        raw = read_json(path, fix)
+        if not isinstance(raw, dict):
+            raise OracleError(f"{path}: expected a JSON object {{...}}, got {show(raw)}; {fix}")
+        if raw.get("eos_token_id") is not None:
+            return check_token_ids(raw["eos_token_id"], "eos_token_id", cfg.vocab_size, str(path), fix)
     return cfg.eos_token_ids
 
 

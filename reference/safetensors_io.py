@@ -11,6 +11,7 @@ widened exactly, and every malformed file gets an error that names the problem.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,35 +50,53 @@ def _bad(path: Path, why: str, fix: str = "re-download or re-convert the checkpo
     return OracleError(f"{path}: {why}; {fix}")
 
 
+def quote_name(name: str) -> str:
+    """A tensor name for a one-line message: quoted, control characters escaped, shortened."""
+    text = f"'{name}'" if name.isprintable() else repr(name)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value) -> str:
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # nested too deeply, or an integer too long to print
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _parse_entry(path: Path, name: str, entry, data_size: int) -> TensorInfo:
     if not isinstance(entry, dict):
-        raise _bad(path, f"header entry for '{name}' is not an object")
+        raise _bad(path, f"header entry for {quote_name(name)} is not an object")
     dtype = entry.get("dtype")
-    if dtype not in STORED_DTYPES:
+    if not (isinstance(dtype, str) and dtype in STORED_DTYPES):
         raise _bad(
             path,
-            f"tensor '{name}' has unknown or unsupported dtype {dtype!r} "
+            f"tensor {quote_name(name)} has unknown or unsupported dtype {_short(dtype)} "
             f"(supported: {', '.join(STORED_DTYPES)})",
             "convert the checkpoint to F32, F16 or BF16",
         )
     shape = entry.get("shape")
-    if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
-        raise _bad(path, f"tensor '{name}' has an invalid shape {shape!r}")
+    if not (isinstance(shape, list) and all(_is_int(s) and 0 <= s < 2**63 for s in shape)):
+        raise _bad(path, f"tensor {quote_name(name)} has an invalid shape {_short(shape)} (expected a list of integers >= 0)")
     offsets = entry.get("data_offsets")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-        raise _bad(path, f"tensor '{name}' has invalid data_offsets {offsets!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise _bad(path, f"tensor {quote_name(name)} has invalid data_offsets {_short(offsets)} (expected [begin, end])")
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:
         raise _bad(
             path,
-            f"tensor '{name}' has data_offsets [{begin}, {end}] outside the data region "
+            f"tensor {quote_name(name)} has data_offsets [{begin}, {end}] outside the data region "
             f"of {data_size} bytes (truncated file?)",
         )
-    n_bytes = int(np.prod(shape, dtype=np.int64)) * STORED_DTYPES[dtype].itemsize
+    n_bytes = math.prod(shape) * STORED_DTYPES[dtype].itemsize  # Python ints: no int64 overflow
     if end - begin != n_bytes:
         raise _bad(
             path,
-            f"tensor '{name}' spans {end - begin} bytes but shape {shape} of {dtype} needs {n_bytes}",
+            f"tensor {quote_name(name)} spans {end - begin} bytes but shape {_short(shape)} of {dtype} needs {n_bytes}",
         )
     return TensorInfo(name, dtype, tuple(shape), begin, end)
 
@@ -86,7 +105,11 @@ def _check_no_overlap(path: Path, tensors: list[TensorInfo]) -> None:
     spans = sorted(tensors, key=lambda t: (t.begin, t.end))
     for prev, cur in zip(spans, spans[1:]):
         if cur.begin < prev.end:
-            raise _bad(path, f"tensors '{prev.name}' and '{cur.name}' overlap in the data region")
+            raise _bad(path, f"tensors {quote_name(prev.name)} and {quote_name(cur.name)} overlap in the data region")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def read_header(path: str | Path) -> SafetensorsFile:
@@ -94,23 +117,37 @@ def read_header(path: str | Path) -> SafetensorsFile:
     path = Path(path)
     if not path.is_file():
         raise OracleError(f"{path}: file not found")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise _bad(path, f"file is {size} bytes, too short to be safetensors (truncated?)")
-        (n,) = struct.unpack("<Q", prefix)
-        if n > size - 8:
-            raise _bad(path, f"header length {n} is larger than the file ({size} bytes): truncated or not safetensors")
-        if n > MAX_HEADER_BYTES:
-            raise _bad(path, f"header length {n} exceeds the format's limit of {MAX_HEADER_BYTES}")
-        raw = f.read(n)
     try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _bad(path, f"file is {size} bytes, too short to be safetensors (truncated?)")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > size - 8:
+                raise _bad(path, f"header length {n} is larger than the file ({size} bytes): truncated or not safetensors")
+            if n > MAX_HEADER_BYTES:
+                raise _bad(path, f"header length {n} exceeds the format's limit of {MAX_HEADER_BYTES}")
+            raw = f.read(n)
+    except OSError as e:
+        raise _bad(path, f"cannot be read ({e.strerror or e})", "check the file's permissions") from None
+    if len(raw) != n:
+        raise _bad(path, f"header of {n} bytes could not be read in full (the file changed while reading?)")
+    try:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError as e:
+        raise _bad(path, f"header is not UTF-8 (invalid byte at offset {8 + e.start})") from None
+    except json.JSONDecodeError as e:
         raise _bad(path, f"header is not valid JSON ({e})") from None
+    except ValueError as e:  # NaN / Infinity, or an integer literal too long to convert
+        raise _bad(path, f"header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise _bad(path, "header is not valid JSON (nested too deeply)") from None
     if not isinstance(header, dict):
         raise _bad(path, "header is not a JSON object")
+    metadata = header.get("__metadata__", {})
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise _bad(path, "header's __metadata__ is not an object of strings")
     data_start = 8 + n
     data_size = size - data_start
     tensors = [
