@@ -25,14 +25,28 @@ What llama.cpp changes, and how it is undone
   ``TENSOR_PROCESSORS`` reverse-permutes only for ``llama``). So we undo the
   permutation for ``llama`` only, and use ``n_head_kv`` for k: grouping k by
   the query head count is a silent bug (plausible logits, much worse loss).
+
+Hostile or damaged files
+------------------------
+Every metadata value is checked before it is used: counts must be integers in
+range (never a float, a string or a bool), token ids must lie inside the
+vocabulary, texts must be valid UTF-8, and the counts must agree with the
+tensors actually present (``block_count`` with the ``blk.N`` tensors,
+``embedding_length`` and the head counts with the tensor shapes) *before*
+anything loops over them or allocates. A failed import, whatever the cause,
+removes its staging directory; staging directories left by killed imports
+(same host, process gone) are removed by the next import into the same
+place.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -40,7 +54,16 @@ from typing import Any
 import gguf
 import numpy as np
 from safetensors.numpy import save_file
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 from tqdm import tqdm
 
 from reference.errors import OracleError
@@ -68,7 +91,7 @@ BLOCK_TENSORS = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-_BLOCK_NAME = re.compile(r"blk\.(\d+)\.(.+)")
+_BLOCK_NAME = re.compile(r"blk\.(0|[1-9][0-9]{0,8})\.(.+)")  # a block index as llama.cpp writes it
 
 # Pre-tokenizer regexes as the original HF tokenizer.json files spell them
 # (llama.cpp's src/llama-vocab.cpp carries the same ones, case-folding spelled out).
@@ -104,16 +127,43 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
         raise OracleError(f"{path}: no such file; pass the path of a .gguf file")
     try:
         reader = gguf.GGUFReader(path, "r")
-    except (ValueError, OSError, IndexError) as e:
-        raise OracleError(f"{path}: not a readable GGUF file ({e}); pass a llama.cpp .gguf file") from None
+    except Exception as e:  # the reader raises whatever a damaged header makes numpy or struct raise
+        raise OracleError(f"{path}: not a readable GGUF file ({_one_line(e)}); pass a llama.cpp .gguf file") from None
     if reader.byte_order != "I":
         raise OracleError(f"{path}: big-endian GGUF files are not supported; use a little-endian conversion")
     return reader
 
 
-def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
-    """All key/value metadata of the file as plain Python values."""
-    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+FIX = ("the file is damaged or not a llama.cpp conversion; "
+       "convert the model again with llama.cpp's convert_hf_to_gguf.py")
+MAX_COUNT = 2**31 - 1  # llama.cpp keeps counts and ids in 32-bit integers
+_MISSING = object()
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_metadata(reader: gguf.GGUFReader, path: Path | None = None) -> dict[str, Any]:
+    """All key/value metadata of the file as plain Python values (OracleError naming a key that cannot be read)."""
+    meta = {}
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        try:
+            meta[name] = field.contents()
+        except UnicodeDecodeError as e:
+            raise OracleError(f"{path}: GGUF metadata {name} holds text that is not valid UTF-8 "
+                              f"(byte 0x{e.object[e.start]:02x}); {FIX}") from None
+        except Exception as e:
+            raise OracleError(f"{path}: GGUF metadata {name} cannot be read ({_one_line(e)}); {FIX}") from None
+    return meta
 
 
 def _required(meta: dict[str, Any], key: str, path: Path) -> Any:
@@ -123,13 +173,68 @@ def _required(meta: dict[str, Any], key: str, path: Path) -> Any:
     return meta[key]
 
 
+def _bad(path: Path, key: str, value: Any, what: str) -> OracleError:
+    return OracleError(f"{path}: GGUF metadata {key} = {_show(value)} {what}; {FIX}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(meta: dict[str, Any], key: str, path: Path, *, default: Any = _MISSING, minimum: int = 1,
+         maximum: int = MAX_COUNT, per_layer: bool = False) -> int:
+    """An integer metadata value in [minimum, maximum]; ``per_layer``: GGUF may store one per layer, all equal."""
+    value = _required(meta, key, path) if default is _MISSING else meta.get(key, default)
+    if per_layer and isinstance(value, list):
+        if not value or not all(_is_int(v) for v in value):
+            raise _bad(path, key, value, "is not a list of integers")
+        if len(set(value)) != 1:
+            raise OracleError(f"{path}: {key} differs between layers ({sorted(set(value))[:8]}); "
+                              "only uniform layers are supported")
+        value = value[0]
+    if not _is_int(value):
+        raise _bad(path, key, value, "is not an integer")
+    if not minimum <= value <= maximum:
+        raise _bad(path, key, value, f"is out of range (expected {minimum} to {maximum})")
+    return value
+
+
 def _uniform(value: Any, key: str, path: Path) -> int:
     """A per-model integer that GGUF may also store as one value per layer."""
-    if isinstance(value, list):
-        if len(set(value)) != 1:
-            raise OracleError(f"{path}: {key} differs between layers ({sorted(set(value))}); only uniform layers are supported")
-        value = value[0]
-    return int(value)
+    return _int({key: value}, key, path, per_layer=True)
+
+
+def _float(meta: dict[str, Any], key: str, path: Path, default: Any = _MISSING) -> float:
+    """A positive, finite number."""
+    value = _required(meta, key, path) if default is _MISSING else meta.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise _bad(path, key, value, "is not a positive finite number")
+    with np.errstate(over="ignore"):
+        as_float32 = np.float32(value)
+    if not math.isfinite(as_float32):
+        raise _bad(path, key, value, "does not fit in a float32")
+    return float(value)
+
+
+def _bool(meta: dict[str, Any], key: str, path: Path) -> bool:
+    value = meta.get(key, False)
+    if not isinstance(value, bool):
+        raise _bad(path, key, value, "is not a boolean")
+    return value
+
+
+def _str(meta: dict[str, Any], key: str, path: Path, default: Any = _MISSING) -> Any:
+    value = _required(meta, key, path) if default is _MISSING else meta.get(key, default)
+    if value is not None and not isinstance(value, str):
+        raise _bad(path, key, value, "is not a string")
+    return value
+
+
+def _token_id(meta: dict[str, Any], key: str, n_vocab: int, path: Path) -> int | None:
+    """A special-token id: absent, or an integer inside the vocabulary."""
+    if meta.get(key) is None:
+        return None
+    return _int(meta, key, path, minimum=0, maximum=n_vocab - 1)
 
 
 def _float32_decimal(x: float) -> float:
@@ -145,7 +250,7 @@ def _float32_decimal(x: float) -> float:
 def read_architecture(meta: dict[str, Any], path: Path) -> str:
     """``general.architecture``, refused unless it is llama or qwen2."""
     arch = _required(meta, "general.architecture", path)
-    if arch not in ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise OracleError(
             f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}"
         )
@@ -154,12 +259,14 @@ def read_architecture(meta: dict[str, Any], path: Path) -> str:
 
 def rope_scaling(meta: dict[str, Any], arch: str, path: Path) -> dict | None:
     """HF ``rope_scaling`` from the GGUF keys: linear only; anything else is refused."""
-    kind = meta.get(f"{arch}.rope.scaling.type", "none")
-    legacy_linear = meta.get(f"{arch}.rope.scale_linear")  # pre-2024 llama.cpp key
-    if kind == "none" and legacy_linear is not None and float(legacy_linear) != 1.0:
+    kind = _str(meta, f"{arch}.rope.scaling.type", path, default="none")
+    legacy_key = f"{arch}.rope.scale_linear"  # pre-2024 llama.cpp key
+    legacy_linear = _float(meta, legacy_key, path) if meta.get(legacy_key) is not None else None
+    if kind == "none" and legacy_linear is not None and legacy_linear != 1.0:
         kind, factor = "linear", legacy_linear
     else:
-        factor = meta.get(f"{arch}.rope.scaling.factor")
+        factor_key = f"{arch}.rope.scaling.factor"
+        factor = _float(meta, factor_key, path) if meta.get(factor_key) is not None else None
     if kind == "none":
         return None
     if kind != "linear":
@@ -170,36 +277,49 @@ def rope_scaling(meta: dict[str, Any], arch: str, path: Path) -> dict | None:
 
 
 def hf_config(meta: dict[str, Any], arch: str, n_vocab: int, tied: bool, attention_bias: bool, path: Path) -> dict:
-    """The HF ``config.json`` dict for this GGUF's hyper-parameters."""
-    D = int(_required(meta, f"{arch}.embedding_length", path))
-    H = _uniform(_required(meta, f"{arch}.attention.head_count", path), "head_count", path)
-    H_kv = _uniform(meta.get(f"{arch}.attention.head_count_kv", H), "head_count_kv", path)
-    hd = int(meta.get(f"{arch}.attention.key_length", D // H))
-    if int(meta.get(f"{arch}.attention.value_length", hd)) != hd:
+    """The HF ``config.json`` dict for this GGUF's hyper-parameters, every value checked."""
+    p = f"{arch}."
+    D = _int(meta, p + "embedding_length", path)
+    H = _int(meta, p + "attention.head_count", path, per_layer=True)
+    H_kv = _int(meta, p + "attention.head_count_kv", path, default=H, per_layer=True)
+    if p + "attention.key_length" not in meta and D % H:
+        raise OracleError(f"{path}: embedding_length {D} is not a multiple of head_count {H} and "
+                          f"{p}attention.key_length is missing; {FIX}")
+    hd = _int(meta, p + "attention.key_length", path, default=D // H)
+    if _int(meta, p + "attention.value_length", path, default=hd) != hd:
         raise OracleError(f"{path}: key_length != value_length; only equal head dims are supported")
-    rope_dim = int(meta.get(f"{arch}.rope.dimension_count", hd))
+    rope_dim = _int(meta, p + "rope.dimension_count", path, default=hd)
     if rope_dim != hd:
         raise OracleError(f"{path}: rope.dimension_count {rope_dim} != head_dim {hd}; partial rotary is not supported")
+    if hd % 2:
+        raise OracleError(f"{path}: head dim {hd} is odd, but rotary embeddings need an even one; {FIX}")
     if H % H_kv != 0:
         raise OracleError(f"{path}: head_count {H} is not a multiple of head_count_kv {H_kv}")
+    F = _int(meta, p + "feed_forward_length", path, per_layer=True)
+    n_layers = _int(meta, p + "block_count", path)
+    eps = _float(meta, p + "attention.layer_norm_rms_epsilon", path)
+    theta = _float(meta, p + "rope.freq_base", path, default=10000.0)  # llama.cpp's default
+    context = _int(meta, p + "context_length", path)
+    if meta.get(p + "vocab_size") is not None and _int(meta, p + "vocab_size", path) != n_vocab:
+        raise OracleError(f"{path}: {p}vocab_size is {meta[p + 'vocab_size']} but token_embd has {n_vocab} rows; {FIX}")
     config = {
         "architectures": [ARCHITECTURES[arch]],
         "model_type": arch,
         "hidden_size": D,
-        "intermediate_size": _uniform(_required(meta, f"{arch}.feed_forward_length", path), "feed_forward_length", path),
-        "num_hidden_layers": int(_required(meta, f"{arch}.block_count", path)),
+        "intermediate_size": F,
+        "num_hidden_layers": n_layers,
         "num_attention_heads": H,
         "num_key_value_heads": H_kv,
         "head_dim": hd,
-        "rms_norm_eps": _float32_decimal(_required(meta, f"{arch}.attention.layer_norm_rms_epsilon", path)),
-        "rope_theta": _float32_decimal(meta.get(f"{arch}.rope.freq_base", 10000.0)),  # llama.cpp's default
-        "max_position_embeddings": int(_required(meta, f"{arch}.context_length", path)),
+        "rms_norm_eps": _float32_decimal(eps),
+        "rope_theta": _float32_decimal(theta),
+        "max_position_embeddings": context,
         "vocab_size": n_vocab,
         "tie_word_embeddings": tied,
         "hidden_act": "silu",
         "attention_bias": attention_bias,
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "bos_token_id": _token_id(meta, "tokenizer.ggml.bos_token_id", n_vocab, path),
+        "eos_token_id": _token_id(meta, "tokenizer.ggml.eos_token_id", n_vocab, path),
         "torch_dtype": "float32",
     }
     scaling = rope_scaling(meta, arch, path)
@@ -298,8 +418,18 @@ def to_hf_layout(name: str, w: np.ndarray, config: dict) -> np.ndarray:
     return w
 
 
-def read_weights(reader: gguf.GGUFReader, config: dict, path: Path, progress: bool) -> dict[str, np.ndarray]:
-    """Every tensor, dequantized to float32, renamed and un-permuted to HF layout."""
+def check_tensors(reader: gguf.GGUFReader, config: dict, path: Path) -> dict[str, Any]:
+    """{HF name: GGUF tensor}: exactly the tensors the config implies, each of its shape.
+
+    Checked before any loop over the layers or any allocation, so a block_count
+    or a dimension that disagrees with the tensors present is refused at once.
+    """
+    n_layers = config["num_hidden_layers"]
+    blocks = {int(m.group(1)) for t in reader.tensors if (m := _BLOCK_NAME.fullmatch(t.name))}
+    if len(blocks) != n_layers or (blocks and max(blocks) != n_layers - 1):  # distinct indices: exactly 0..n-1
+        held = f"blocks blk.{min(blocks)} to blk.{max(blocks)} ({len(blocks)} in all)" if blocks else "no blk.N tensors"
+        raise OracleError(f"{path}: GGUF metadata {config['model_type']}.block_count = {n_layers}, but the file "
+                          f"holds {held}; {FIX}")
     shapes = expected_shapes(config)
     by_hf_name = {}
     for tensor in reader.tensors:
@@ -316,14 +446,21 @@ def read_weights(reader: gguf.GGUFReader, config: dict, path: Path, progress: bo
     missing = [gguf_tensor_name(name) for name in shapes if name not in by_hf_name]
     if missing:
         raise OracleError(f"{path}: missing tensor(s) {', '.join(missing[:5])}; the GGUF file is incomplete")
-
-    weights = {}
-    for hf_name, tensor in tqdm(by_hf_name.items(), desc="dequantize", unit="tensor", disable=not progress):
+    for hf_name, tensor in by_hf_name.items():
         if tuple(int(d) for d in reversed(tensor.shape)) != shapes[hf_name]:
             raise OracleError(
                 f"{path}: tensor {tensor.name} has HF shape {tuple(reversed(tensor.shape.tolist()))}, "
                 f"expected {shapes[hf_name]} from the metadata"
             )
+    return by_hf_name
+
+
+def read_weights(reader: gguf.GGUFReader, config: dict, path: Path, progress: bool,
+                 tensors: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """Every tensor, dequantized to float32, renamed and un-permuted to HF layout."""
+    by_hf_name = tensors if tensors is not None else check_tensors(reader, config, path)
+    weights = {}
+    for hf_name, tensor in tqdm(by_hf_name.items(), desc="dequantize", unit="tensor", disable=not progress):
         weights[hf_name] = to_hf_layout(hf_name, dequantize_tensor(tensor, path), config)
     return weights
 
@@ -358,16 +495,49 @@ def pre_tokenizer(pre: str) -> tuple[Any, Any, bool]:
     raise ValueError(pre)
 
 
-def build_tokenizer(meta: dict[str, Any], path: Path) -> Tokenizer:
-    """A ``tokenizers`` BPE tokenizer equivalent to the GGUF vocabulary and merges."""
+def check_vocabulary(meta: dict[str, Any], n_vocab: int, path: Path) -> None:
+    """The tokenizer keys: tokens (unique strings, one per embedding row), token types, merges, special ids."""
+    tokens = _required(meta, "tokenizer.ggml.tokens", path)
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise _bad(path, "tokenizer.ggml.tokens", tokens, "is not a list of strings")
+    if len(tokens) != n_vocab:
+        raise OracleError(f"{path}: {len(tokens)} tokens in the vocabulary but token_embd has {n_vocab} rows")
+    if len(set(tokens)) != len(tokens):
+        first = {}
+        for i, t in enumerate(tokens):
+            if t in first:
+                raise OracleError(f"{path}: token {t!r} appears twice in tokenizer.ggml.tokens "
+                                  f"(ids {first[t]} and {i}), so ids would be ambiguous; {FIX}")
+            first[t] = i
+    types = meta.get("tokenizer.ggml.token_type")
+    if types is not None and not (isinstance(types, list) and len(types) == len(tokens) and all(map(_is_int, types))):
+        raise OracleError(f"{path}: tokenizer.ggml.token_type must be {len(tokens)} integers, one per token; {FIX}")
+    merges = _required(meta, "tokenizer.ggml.merges", path)
+    if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+        raise _bad(path, "tokenizer.ggml.merges", merges, "is not a list of strings")
+    for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"):
+        _token_id(meta, f"tokenizer.ggml.{key}", n_vocab, path)
+    for key, id_key in (("add_bos_token", "bos_token_id"), ("add_eos_token", "eos_token_id")):
+        if _bool(meta, f"tokenizer.ggml.{key}", path) and meta.get(f"tokenizer.ggml.{id_key}") is None:
+            raise OracleError(f"{path}: tokenizer.ggml.{key} is true but tokenizer.ggml.{id_key} is missing; {FIX}")
+    _str(meta, "tokenizer.chat_template", path, default=None)
+
+
+def build_tokenizer(meta: dict[str, Any], path: Path, n_vocab: int | None = None) -> Tokenizer:
+    """A ``tokenizers`` BPE tokenizer equivalent to the GGUF vocabulary and merges.
+
+    With ``n_vocab`` (the embedding's rows) the tokenizer keys are checked first (:func:`check_vocabulary`).
+    """
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise OracleError(f"{path}: tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2') is")
+        raise OracleError(f"{path}: tokenizer model {_show(kind)} is not supported; only byte-level BPE ('gpt2') is")
     pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in SUPPORTED_PRE:
+    if not isinstance(pre, str) or pre not in SUPPORTED_PRE:
         raise OracleError(
-            f"{path}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; supported: {', '.join(SUPPORTED_PRE)}"
+            f"{path}: pre-tokenizer {_show(pre)} (tokenizer.ggml.pre) is not supported; supported: {', '.join(SUPPORTED_PRE)}"
         )
+    if n_vocab is not None:
+        check_vocabulary(meta, n_vocab, path)
     tokens = _required(meta, "tokenizer.ggml.tokens", path)
     merges = [tuple(m.split(" ")) for m in _required(meta, "tokenizer.ggml.merges", path)]
     bad = next((m for m in merges if len(m) != 2), None)
@@ -376,6 +546,14 @@ def build_tokenizer(meta: dict[str, Any], path: Path) -> Tokenizer:
     types = meta.get("tokenizer.ggml.token_type", [int(gguf.TokenType.NORMAL)] * len(tokens))
 
     normalizer, pre_tok, ignore_merges = pre_tokenizer(pre)
+    try:
+        return _assemble_tokenizer(meta, tokens, merges, types, normalizer, pre_tok, ignore_merges)
+    except Exception as e:  # the Rust library raises a bare Exception, e.g. for a merge of unknown tokens
+        raise OracleError(f"{path}: the vocabulary and merges are not a valid BPE tokenizer "
+                          f"({_one_line(e)}); {FIX}") from None
+
+
+def _assemble_tokenizer(meta, tokens, merges, types, normalizer, pre_tok, ignore_merges) -> Tokenizer:
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=ignore_merges))
     if normalizer is not None:
         tok.normalizer = normalizer
@@ -442,11 +620,47 @@ def _check_out_dir(out_dir: Path) -> None:
         raise OracleError(f"{out_dir}: already exists and is not an empty directory; delete it or choose another --out")
 
 
+_STAGING = re.compile(r"\.(?P<name>.+)\.partial-(?P<host>[A-Za-z0-9_-]+)-(?P<pid>[0-9]+)-[0-9a-f]{8}")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but not ours, or cannot tell: keep its directory
+        return True
+    return True
+
+
+def _remove_stale_staging(out_dir: Path) -> None:
+    """Staging directories of earlier imports into ``out_dir`` that were killed (same host, process gone)."""
+    try:
+        siblings = list(out_dir.parent.iterdir())
+    except OSError:
+        return
+    for old in siblings:
+        m = _STAGING.fullmatch(old.name)
+        if m and m["name"] == out_dir.name and m["host"] == _host() and not _alive(int(m["pid"])) and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def _staging_dir(out_dir: Path) -> Path:
     """A fresh hidden sibling of ``out_dir`` to write into before the final rename."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(out_dir)
+        staging = out_dir.parent / f".{out_dir.name}.partial-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+    except OSError as e:
+        raise OracleError(f"{out_dir}: cannot create the output next to it ({e.strerror or e}); "
+                          "choose another --out") from None
     return staging
 
 
@@ -454,33 +668,41 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def _embedding_rows(reader: gguf.GGUFReader, path: Path) -> int:
+    """The vocabulary size: the rows of token_embd.weight, which must be a matrix."""
+    tensor = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if tensor is None:
+        raise OracleError(f"{path}: missing tensor token_embd.weight; the GGUF file is incomplete")
+    shape = [int(d) for d in tensor.shape]
+    if len(shape) != 2 or min(shape) < 1:
+        raise OracleError(f"{path}: tensor token_embd.weight has GGUF shape {shape}, not a (hidden, vocabulary) "
+                          f"matrix; {FIX}")
+    return shape[1]
+
+
 def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True) -> Path:
     """Convert ``gguf_path`` (llama or qwen2) into an HF-layout directory ``out_dir``; return it.
 
-    The directory appears only when complete: everything is written to a
-    temporary sibling which is renamed at the end.
+    Everything is checked before anything is written; the directory appears
+    only when complete: everything is written to a temporary sibling which is
+    renamed at the end, and removed if anything fails.
     """
     path, out_dir = Path(gguf_path), Path(out_dir)
     _check_out_dir(out_dir)
     reader = open_gguf(path)
-    meta = read_metadata(reader)
+    meta = read_metadata(reader, path)
     arch = read_architecture(meta, path)
     names = {t.name for t in reader.tensors}
-    if "token_embd.weight" not in names:
-        raise OracleError(f"{path}: missing tensor token_embd.weight; the GGUF file is incomplete")
-    n_vocab = int(next(t for t in reader.tensors if t.name == "token_embd.weight").shape[1])
+    n_vocab = _embedding_rows(reader, path)
     attention_bias = arch == "qwen2" or "blk.0.attn_q.bias" in names
     config = hf_config(meta, arch, n_vocab, "output.weight" not in names, attention_bias, path)
-    tokenizer = build_tokenizer(meta, path)  # fails fast on an unsupported tokenizer
-    if len(meta["tokenizer.ggml.tokens"]) != n_vocab:
-        raise OracleError(
-            f"{path}: {len(meta['tokenizer.ggml.tokens'])} tokens in the vocabulary but token_embd has {n_vocab} rows"
-        )
+    tokenizer = build_tokenizer(meta, path, n_vocab)  # fails fast on an unsupported or inconsistent tokenizer
+    tensors = check_tensors(reader, config, path)  # counts and shapes against the tensors, before any work
 
     staging = _staging_dir(out_dir)
     try:
         _write_json(staging / "config.json", config)
-        weights = read_weights(reader, config, path, progress)
+        weights = read_weights(reader, config, path, progress, tensors)
         save_file(weights, str(staging / "model.safetensors"), metadata={"format": "pt"})
         del weights
         # safetensors creates its file 0600; give it the mode (umask) of the files Python wrote.
@@ -492,7 +714,20 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, pro
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above
         staging.rename(out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+        if isinstance(e, OracleError) or not isinstance(e, Exception):  # KeyboardInterrupt: cleaned up, re-raised
+            raise
+        raise _failed(e, path, out_dir) from None
     return out_dir
+
+
+def _failed(e: Exception, path: Path, out_dir: Path) -> OracleError:
+    """An unexpected error while converting, as one OracleError (nothing was left behind)."""
+    if isinstance(e, MemoryError):
+        return OracleError(f"{path}: out of memory while converting (the float32 copy of every tensor must fit); "
+                           "free memory or use a machine with more")
+    if isinstance(e, OSError):
+        return OracleError(f"{out_dir}: cannot write the output ({e.strerror or _one_line(e)}); "
+                           "free disk space, check permissions, or choose another --out")
+    return OracleError(f"{path}: conversion failed ({type(e).__name__}: {_one_line(e)}); {FIX}")
