@@ -11,6 +11,11 @@ CHECKPOINTS = Path(__file__).resolve().parent.parent / "reference" / "checkpoint
 TINY = ["tiny-llama", "tiny-qwen2"]
 
 
+def fuzz_examples(default: int) -> int:
+    """Examples per fuzz property: `default` in CI, ASL_FUZZ_EXAMPLES for a longer manual pass (docs/robustness.md)."""
+    return int(os.environ.get("ASL_FUZZ_EXAMPLES") or default)
+
+
 @pytest.fixture(params=TINY)
 def tiny_dir(request) -> Path:
     return CHECKPOINTS / request.param

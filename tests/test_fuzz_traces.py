@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
 import numpy as np
 import pytest
@@ -21,8 +20,9 @@ from hypothesis import strategies as st
 
 from reference.bundle import CaseResult, check_trace, default_cases, write_bundle
 from reference.trace import load_trace
+from tests.conftest import fuzz_examples
 
-EXAMPLES = int(os.environ.get("ASL_FUZZ_EXAMPLES", "60"))
+EXAMPLES = fuzz_examples(60)
 CASES = ["tiny-llama-asl", "tiny-llama-snapkv-ties", "tiny-llama-asl-2pass", "tiny-llama-gemfilter",
          "tiny-llama-asl-kv-budget"]
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from reference.config import ARCHITECTURES, Config, parse_config
 from reference.errors import OracleError
 from reference.safetensors_io import map_tensor, open_mapped, read_header, save
-from tests.conftest import CHECKPOINTS
+from tests.conftest import CHECKPOINTS, fuzz_examples
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = json.loads((CHECKPOINTS / "tiny-llama" / "config.json").read_text())
@@ -514,7 +514,7 @@ rope_values = st.one_of(hostile_values, st.fixed_dictionaries(
 DELETE = object()
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=fuzz_examples(600), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(TOP_KEYS), st.one_of(hostile_values, st.just(DELETE)), min_size=1, max_size=3),
        st.one_of(st.none(), rope_values), st.sampled_from(["rope_scaling", "rope_parameters"]),
        st.sampled_from(sorted(ARCHITECTURES)))
@@ -576,7 +576,7 @@ def _assert_sane(cfg: Config) -> None:
 positive_floats = st.floats(min_value=5e-324, max_value=1.7976931348623157e308, allow_nan=False, allow_infinity=False)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=fuzz_examples(300), deadline=None)
 @given(theta=st.one_of(positive_floats, st.integers(1, 2**53)), eps=positive_floats,
        factor=positive_floats, low=positive_floats, high=positive_floats,
        orig=st.integers(1, 2**53), rope_type=st.sampled_from(["default", "linear", "llama3"]),

@@ -37,7 +37,7 @@ from reference.cli import main
 from reference.errors import OracleError
 from reference.gguf_import import import_gguf
 from reference.tokenizer import encode_chat, load_tokenizer, render_chat
-from tests.conftest import CHECKPOINTS
+from tests.conftest import CHECKPOINTS, fuzz_examples
 from tests.test_gguf_import import Spec, random_hf_weights, tiny_vocab, write_gguf
 
 T = gguf.GGUFValueType
@@ -572,7 +572,7 @@ STATEMENTS = st.recursive(st.one_of(EXPRESSIONS.map(lambda e: "{{ " + e + " }}")
 TEMPLATES = st.lists(STATEMENTS, min_size=1, max_size=4).map(lambda parts: "{% set ns = namespace(s='ab') %}" + "".join(parts))
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=fuzz_examples(60), deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(template=TEMPLATES, content=st.sampled_from(["hi", "x" * 10_000]))
 def test_random_templates_give_text_or_one_oracle_error_quickly(tok, template, content):
     t = replace(tok, chat_template=template)
