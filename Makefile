@@ -44,10 +44,10 @@ bench: $(VENV)/.test
 	$(PY) benchmarks/prefill_smollm2.py
 
 tiny-checkpoints: $(VENV)/.base
-	$(PY) -m reference.tiny
+	$(PY) -m reference.io.tiny
 
 goldens: $(VENV)/.base
-	$(PY) -m reference.goldens
+	$(PY) -m reference.oracle.goldens --out tests/goldens
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -2,7 +2,7 @@
 
     python benchmarks/float16_drift.py            # every golden case, tiny-llama and tiny-qwen2
 
-The float16 row of the tolerance table (reference/conformance.py, docs/conformance.md)
+The float16 row of the tolerance table (reference/oracle/conformance.py, docs/conformance.md)
 rests on these numbers: per case, the largest difference of any recorded score
 (token scores, first-pass scores, SnapKV's per-KV-head scores) relative to that
 layer's largest score, and the largest relative difference of v and ratio where
@@ -19,7 +19,7 @@ import numpy as np
 from gpu.backend import get_xp
 from gpu.engine import PortEngine
 from gpu.loader import load_device_weights
-from reference.goldens import GOLDEN_DIR, default_cases, run_case
+from reference.oracle.goldens import GOLDEN_DIR, default_cases, run_case
 
 
 def score_drift(golden: dict, fresh: dict) -> float:

@@ -94,8 +94,8 @@ def phases(n: int, rounds: int) -> None:
 
     import gpu.attention
     import gpu.threads
-    from reference.fetch import resolve_model
-    from reference.methods import run_prefill
+    from reference.asl.methods import run_prefill
+    from reference.io.fetch import resolve_model
 
     model_dir = resolve_model("smollm2")
     ids = prompt_ids(model_dir, n)

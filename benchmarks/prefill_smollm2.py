@@ -24,16 +24,16 @@ import time
 
 def prompt_ids(model_dir, n_tokens: int) -> list[int]:
     """Exactly n_tokens ids of the passkey haystack (real text, not random ids)."""
-    from reference.prompts import passkey_prompt
-    from reference.tokenizer import load_tokenizer
+    from reference.eval.prompts import passkey_prompt
+    from reference.io.tokenizer import load_tokenizer
 
     ids = passkey_prompt(load_tokenizer(model_dir), n_tokens + 200, seed=0, chat=False).ids
     return ids[:n_tokens]
 
 
 def run_reference(model_dir, ids, repeats: int) -> float:
-    from reference.checkpoint import load_weights
-    from reference.model import prefill
+    from reference.io.checkpoint import load_weights
+    from reference.model.transformer import prefill
 
     weights = load_weights(model_dir, "float32")
     prefill(weights, ids[:64])  # warm-up: pages of the mapped weights, BLAS threads
@@ -56,7 +56,7 @@ def port_engine(model_dir):
 
 
 def run_port(model_dir, ids, repeats: int) -> float:
-    from reference.methods import run_prefill
+    from reference.asl.methods import run_prefill
 
     engine = port_engine(model_dir)
     run_prefill(None, ids[:64], "full", engine=engine)
@@ -85,7 +85,7 @@ def run_transformers(model_dir, ids, repeats: int) -> float:
 
 
 def worker(impl: str, n_tokens: int, repeats: int) -> None:
-    from reference.fetch import resolve_model
+    from reference.io.fetch import resolve_model
 
     model_dir = resolve_model("smollm2")
     ids = prompt_ids(model_dir, n_tokens)
@@ -95,10 +95,10 @@ def worker(impl: str, n_tokens: int, repeats: int) -> None:
 
 
 def prefill_gflop(n_tokens: int) -> float:
-    """The analytic prefill FLOPs of a full SmolLM2 run (reference.methods.layer_flops), in GFLOP."""
-    from reference.config import load_config
-    from reference.fetch import resolve_model
-    from reference.methods import layer_flops
+    """The analytic prefill FLOPs of a full SmolLM2 run (reference.asl.methods.layer_flops), in GFLOP."""
+    from reference.asl.methods import layer_flops
+    from reference.io.fetch import resolve_model
+    from reference.model.config import load_config
 
     cfg = load_config(resolve_model("smollm2"))
     return cfg.num_hidden_layers * layer_flops(cfg, n_tokens) / 1e9
@@ -134,11 +134,11 @@ def asl_vs_full(tokens: list[int], repeats: int) -> int:
     pairs' savings (the machine's speed drifts between minutes; a pair sees the same machine)."""
     import statistics
 
-    from reference.fetch import resolve_model
-    from reference.methods import run_prefill
-    from reference.params import Params
-    from reference.prompts import passkey_prompt
-    from reference.tokenizer import load_tokenizer
+    from reference.asl.methods import run_prefill
+    from reference.asl.params import Params
+    from reference.eval.prompts import passkey_prompt
+    from reference.io.fetch import resolve_model
+    from reference.io.tokenizer import load_tokenizer
 
     model_dir = resolve_model("smollm2")
     params = Params(tau=0.3, l_min=10, l_obs=8, window=32, kernel=7, select_k=256)

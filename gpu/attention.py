@@ -1,6 +1,6 @@
 """Attention at size: query blocks × key blocks, so no score matrix larger than one block pair is held.
 
-Same contract as `reference.attention.group_attention` (key j is visible to
+Same contract as `reference.model.attention.group_attention` (key j is visible to
 query i iff pos_k[j] <= pos_q[i]); written for any array module `xp`. The G
 query heads of one KV head are stacked into one (G·bq, hd) operand, so each
 block pair is a single GEMM per KV head. Scores, softmax and accumulation are

@@ -1,7 +1,7 @@
 """PortEngine: the reference's arithmetic at size, on CuPy or NumPy.
 
-It answers the same questions as `reference.engine.ReferenceEngine` (layers,
-window scores, cache compaction, logits, decoding), so `reference.methods`
+It answers the same questions as `reference.asl.engine.ReferenceEngine` (layers,
+window scores, cache compaction, logits, decoding), so `reference.asl.methods`
 makes exactly the same decisions on top of it. Differences from the
 reference are in how, never in what:
 
@@ -27,8 +27,8 @@ import numpy as np
 from gpu import threads as cpu_threads
 from gpu.attention import flash_attention, flash_group_attention
 from gpu.backend import is_cupy, to_host
-from reference.checkpoint import Weights
-from reference.rope import apply_rope, rope_tables
+from reference.model.rope import apply_rope, rope_tables
+from reference.model.weights import Weights
 
 F32 = np.float32
 MIN_ROWS_PER_THREAD = 64  # fewer rows than this per thread: run token-wise work in one piece

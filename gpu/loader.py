@@ -1,7 +1,7 @@
 """Checkpoints streamed onto the device, tensor by tensor, with the reference's checks.
 
 The reference's config parsing, shard listing, header checks and expected
-shapes are reused as they are (`reference.checkpoint`). Each tensor is read
+shapes are reused as they are (`reference.io.checkpoint`). Each tensor is read
 from its memory-mapped shard, sent to the device, checked for finiteness
 there, and stored in the weight dtype: float16 on a GPU (BF16 checkpoints are
 widened exactly, then rounded once), unless a tensor overflows float16 (it is
@@ -16,9 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-from reference.checkpoint import TensorReader, Weights, assemble, check_shape, non_finite_error, open_checkpoint
-from reference.errors import OracleError
 from gpu.backend import is_cupy
+from reference.errors import OracleError
+from reference.io.checkpoint import (
+    TensorReader,
+    assemble,
+    check_shape,
+    non_finite_error,
+    open_checkpoint,
+)
+from reference.model.weights import Weights, expected_tensors
 
 WEIGHT_DTYPES = ("float16", "float32")
 FLOAT16_MAX = 65504.0
@@ -39,7 +46,7 @@ def _free_device_bytes(xp) -> int | None:
 
 
 def load_device_weights(model_dir: str | Path, xp, weight_dtype: str = "float16", progress: bool = True):
-    """Weights (reference.checkpoint.Weights holding `xp` arrays) and a LoadReport."""
+    """Weights (reference.io.checkpoint.Weights holding `xp` arrays) and a LoadReport."""
     if weight_dtype not in WEIGHT_DTYPES:
         raise OracleError(f"weight dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
     model_dir = Path(model_dir)
@@ -91,7 +98,6 @@ def load_device_weights(model_dir: str | Path, xp, weight_dtype: str = "float16"
 
 def random_device_weights(cfg, xp, weight_dtype: str = "float16", seed: int = 0) -> Weights:
     """Random weights of a config's shapes, generated on the device (no download, no host staging)."""
-    from reference.checkpoint import expected_tensors
 
     shapes = expected_tensors(cfg)
     rng = xp.random.default_rng(seed) if hasattr(xp.random, "default_rng") else xp.random.RandomState(seed)

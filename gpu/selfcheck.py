@@ -8,7 +8,7 @@ Steps, each written to OUT as it finishes (so a run cut short still reports):
 2. agreement: tests/test_port_agreement.py under pytest (hypothesis, random
    tiny models, the CuPy variants included when a GPU is present);
 3. goldens: every golden case on the port at its weight dtype, judged by
-   reference/conformance.py;
+   reference/oracle/conformance.py;
 4. benchmark: a randomly initialised Llama-3.1-8B-shaped model (weights made on
    the device; --small: a small shape) at each --lengths: `full` and ASL's
    one-shot selection (forced at layer 15 with FastKV when random weights never
@@ -32,6 +32,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from gpu.backend import get_xp, is_cupy
+from gpu.engine import PortEngine
+from gpu.loader import load_device_weights, random_device_weights
+from reference.asl.generate import generate
+from reference.asl.params import Params
+from reference.model.config import parse_config
+from reference.oracle.conformance import TOLERANCES, compare
+from reference.oracle.goldens import default_cases, run_case
+from reference.oracle.trace import make_trace
 
 LLAMA_31_8B = dict(
     model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -106,18 +116,16 @@ def run_agreement_tests(report: Report, timeout_s: float) -> None:
         report.put("agreement", {"returncode": None, "summary": [f"timed out after {timeout_s:.0f} s"]})
 
 
-def run_goldens(report: Report, xp, weight_dtype: str) -> None:
-    from gpu.engine import PortEngine
-    from gpu.loader import load_device_weights
-    from reference.conformance import TOLERANCES, compare
-    from reference.goldens import GOLDEN_DIR, default_cases, run_case
+GOLDEN_DIR = Path(__file__).resolve().parent.parent / "tests" / "goldens"  # a check of the repository, not a library
 
+
+def run_goldens(report: Report, xp, weight_dtype: str) -> None:
     def engine(model_dir):
         return PortEngine(load_device_weights(model_dir, xp, weight_dtype, progress=False)[0], xp)
 
     verdicts = {}
     for case in default_cases():
-        golden = json.loads((GOLDEN_DIR / f"{case.name}.json").read_text())
+        golden = json.loads((GOLDEN_DIR / f"{case.name}.json").read_text())  # the repository's goldens
         verdict, findings = compare(golden["expected"], run_case(case, engine)["expected"], TOLERANCES[weight_dtype])
         verdicts[case.name] = verdict if not findings else f"{verdict}: {findings[0].field}: {findings[0].message}"
     counts = {v: sum(1 for x in verdicts.values() if x.split(":")[0] == v) for v in ("PASS", "PASS-within-tolerance", "FAIL")}
@@ -151,10 +159,6 @@ def peak_memory_gib(xp) -> float:
 
 
 def port_point(xp, weights, cfg, n_tokens: int, method: str, params, decode_tokens: int) -> dict:
-    from gpu.engine import PortEngine
-    from reference.generate import generate
-    from reference.trace import make_trace
-
     ids = np.random.default_rng(n_tokens).integers(0, cfg.vocab_size, n_tokens)
     engine = PortEngine(weights, xp)
     peak_memory_reset(xp)
@@ -195,7 +199,7 @@ def torch_point(cfg, n_tokens: int, on_gpu: bool) -> dict | None:
 
     wq, wk, wv, wo = rand(H * hd, D), rand(H_kv * hd, D), rand(H_kv * hd, D), rand(D, H * hd)
     wg, wu, wd = rand(Fm, D), rand(Fm, D), rand(D, Fm)
-    inv = torch.tensor(__import__("reference.rope", fromlist=["x"]).inverse_frequencies(cfg), device=dev)
+    inv = torch.tensor(__import__("reference.model.rope", fromlist=["x"]).inverse_frequencies(cfg), device=dev)
     ang = torch.arange(n_tokens, device=dev, dtype=torch.float64)[:, None] * inv[None]
     cos, sin = torch.cat([ang.cos()] * 2, -1).to(dt), torch.cat([ang.sin()] * 2, -1).to(dt)
 
@@ -237,10 +241,6 @@ def torch_point(cfg, n_tokens: int, on_gpu: bool) -> dict | None:
 
 
 def run_benchmark(report: Report, xp, small: bool, lengths: list[int], weight_dtype: str, budget_s: float) -> None:
-    from gpu.loader import random_device_weights
-    from reference.config import parse_config
-    from reference.params import Params
-
     cfg = parse_config(SMALL if small else LLAMA_31_8B)
     weights = random_device_weights(cfg, xp, weight_dtype)
     asl = Params(**(SMALL_ASL_PARAMS if small else ASL_PARAMS))
@@ -314,7 +314,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.no_tf32:
         os.environ.setdefault("CUPY_TF32", "1")  # read by CuPy at import: float32 GEMMs on tensor cores
-    from gpu.backend import get_xp, is_cupy
 
     xp = get_xp(args.backend)
     weight_dtype = "float16" if is_cupy(xp) else "float32"

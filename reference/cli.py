@@ -23,7 +23,27 @@ import sys
 import time
 from pathlib import Path
 
+from reference.asl.generate import generate
+from reference.asl.params import METHODS, POOLINGS, Params, check_params
 from reference.errors import OracleError
+from reference.eval.prompts import passkey_ids, passkey_prompt
+from reference.eval.report import write_report
+from reference.eval.runner import run_eval
+from reference.eval.tasks import TASKS
+from reference.io.checkpoint import eos_token_ids, load_reference
+from reference.io.fetch import fetch, resolve_model
+from reference.io.gguf import import_gguf
+from reference.io.tokenizer import encode_chat, load_tokenizer
+from reference.oracle.bundle import (
+    NOT_CHECKED,
+    PASSING,
+    check,
+    default_cases,
+    read_cases,
+    write_bundle,
+)
+from reference.oracle.mutations import self_test
+from reference.oracle.trace import load_trace, make_trace, model_sha256, save_trace
 
 MODEL_HELP = "checkpoint directory (Hugging Face layout) or alias: tiny-llama, tiny-qwen2, smollm2"
 
@@ -58,7 +78,6 @@ def _prompt_ids(args, tok) -> list[int]:
                           "pass UTF-8 text, or token ids with --prompt-ids") from None
     if tok is None:
         raise OracleError("this checkpoint has no tokenizer.json; pass --prompt-ids FILE instead")
-    from reference.tokenizer import encode_chat
 
     return encode_chat(tok, args.prompt) if args.chat else tok.encode(args.prompt)
 
@@ -66,35 +85,27 @@ def _prompt_ids(args, tok) -> list[int]:
 def load_model(model: str, dtype: str, backend: str | None = None, weight_dtype: str | None = None,
                threads: int | None = None):
     """(model_dir, weights, tokenizer, eos ids, engine): the reference, or the port with --backend."""
-    from reference.checkpoint import load_weights
-    from reference.fetch import resolve_model
-    from reference.generate import eos_token_ids
-    from reference.tokenizer import load_tokenizer
 
-    model_dir = resolve_model(model)
-    engine = None
     if threads is not None and (backend != "numpy" or threads < 1):
         raise OracleError(f"--threads {threads}: the port's CPU threads need --backend numpy and a count >= 1 "
                           "(the reference uses BLAS's own threads: set OPENBLAS_NUM_THREADS instead)")
     if backend is None:
-        weights = load_weights(model_dir, dtype)
-    else:
-        from gpu.backend import get_xp, is_cupy
-        from gpu.engine import PortEngine
-        from gpu.loader import load_device_weights
+        return load_reference(model, dtype)
+    model_dir = resolve_model(model)
+    from gpu.backend import get_xp, is_cupy
+    from gpu.engine import PortEngine
+    from gpu.loader import load_device_weights
 
-        if dtype != "float32":
-            raise OracleError(f"--backend {backend} computes in float32; drop --dtype {dtype} (the reference has float64)")
-        xp = get_xp(backend)
-        weights, _ = load_device_weights(model_dir, xp, weight_dtype or ("float16" if is_cupy(xp) else "float32"))
-        engine = PortEngine(weights, xp, threads=threads)
+    if dtype != "float32":
+        raise OracleError(f"--backend {backend} computes in float32; drop --dtype {dtype} (the reference has float64)")
+    xp = get_xp(backend)
+    weights, _ = load_device_weights(model_dir, xp, weight_dtype or ("float16" if is_cupy(xp) else "float32"))
+    engine = PortEngine(weights, xp, threads=threads)
     tok = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
     return model_dir, weights, tok, eos_token_ids(model_dir, weights.config), engine
 
 
 def cmd_generate(args) -> int:
-    from reference.generate import generate
-
     _, weights, tok, eos, engine = load_model(args.model, args.dtype, args.backend, args.weight_dtype, args.threads)
     ids = _prompt_ids(args, tok)
     result = generate(weights, ids, args.max_new_tokens, eos, engine=engine)
@@ -110,8 +121,6 @@ def cmd_generate(args) -> int:
 
 
 def _params(args):
-    from reference.params import Params
-
     return Params(**{name: getattr(args, name) for name in Params.__dataclass_fields__})
 
 
@@ -137,10 +146,6 @@ def _si(x: float) -> str:
 
 
 def cmd_run(args) -> int:
-    from reference.generate import generate
-    from reference.params import check_params
-    from reference.trace import make_trace, model_sha256, save_trace
-
     model_dir, weights, tok, eos, engine = load_model(args.model, args.dtype, args.backend, args.weight_dtype, args.threads)
     params = _params(args)
     check_params(args.method, params, weights.config.num_hidden_layers)  # before any long work
@@ -158,8 +163,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_trace(args) -> int:
-    from reference.trace import load_trace
-
     trace, arrays = load_trace(args.file)
     print(f"{trace['method']} on {trace['model']['name']} ({trace['dtype']}), {trace['num_prompt_tokens']} prompt tokens, "
           f"params {json.dumps(trace['params'])}")
@@ -183,19 +186,14 @@ def cmd_trace(args) -> int:
 
 
 def cmd_golden(args) -> int:
-    from reference.bundle import default_cases, read_cases, write_bundle
-
     cases = default_cases(args.model) if args.cases == "default" else read_cases(Path(args.cases), args.model)
-    out = write_bundle(args.model, cases, Path(args.out), args.dtype)
+    out = write_bundle(args.model, cases, Path(args.out), args.dtype, prompt=passkey_ids)
     print(f"{len(cases)} cases written to {out}")
     print(out)
     return 0
 
 
 def cmd_check(args) -> int:
-    from reference.bundle import NOT_CHECKED, PASSING, check
-    from reference.mutations import self_test
-
     if args.self_test:
         return self_test(progress=not args.json)
     if args.candidate is None or args.golden is None:
@@ -221,33 +219,24 @@ def _csv(text: str, kind=str) -> list:
 
 
 def cmd_eval(args) -> int:
-    from reference.evaluate import run_eval
-    from reference.tasks import TASKS
-
     tasks = list(TASKS) if args.tasks == "all" else _csv(args.tasks)
     path = run_eval(args.model, tasks, _csv(args.lengths, int), args.samples, _csv(args.methods), _params(args),
-                    Path(args.out), args.backend, args.max_new_tokens)
+                    Path(args.out), args.backend, args.max_new_tokens, load=load_model)
     print(path)
     return 0
 
 
 def cmd_report(args) -> int:
-    from reference.report import write_report
-
     print(write_report(Path(args.dir)))
     return 0
 
 
 def cmd_fetch(args) -> int:
-    from reference.fetch import fetch
-
     print(fetch(args.alias))
     return 0
 
 
 def cmd_import_gguf(args) -> int:
-    from reference.gguf_import import import_gguf
-
     print(import_gguf(args.file, args.out))
     return 0
 
@@ -256,11 +245,6 @@ DEMO_PARAMS = dict(tau=0.3, l_min=10, l_obs=8, window=32, kernel=7, select_k=256
 
 
 def cmd_demo(args) -> int:
-    from reference.generate import generate
-    from reference.params import Params
-    from reference.prompts import passkey_prompt
-    from reference.trace import make_trace
-
     start = time.perf_counter()
     _, weights, tok, eos, _ = load_model(args.model, "float32")
     params = Params(**DEMO_PARAMS)
@@ -313,8 +297,6 @@ def _add_model_and_prompt(p: argparse.ArgumentParser) -> None:
 
 
 def _add_method_params(p: argparse.ArgumentParser, with_method: bool = True) -> None:
-    from reference.params import METHODS, POOLINGS, Params
-
     d = Params()
     if with_method:
         p.add_argument("--method", choices=METHODS, default="asl", help="pruning method (default asl)")

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-CHECKPOINTS = Path(__file__).resolve().parent.parent / "reference" / "checkpoints"
+CHECKPOINTS = Path(__file__).resolve().parent.parent / "reference" / "io" / "checkpoints"
 TINY = ["tiny-llama", "tiny-qwen2"]
+GOLDEN_DIR = Path(__file__).resolve().parent / "goldens"  # made by `make goldens`
 
 
 def fuzz_examples(default: int) -> int:
@@ -25,7 +26,7 @@ def tiny_dir(request) -> Path:
 def smollm2_dir() -> Path:
     """SmolLM2's converted directory; in CI its absence is a failure, elsewhere a skip."""
     from reference.errors import OracleError
-    from reference.fetch import resolve_model
+    from reference.io.fetch import resolve_model
 
     try:
         return resolve_model("smollm2")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from reference.checkpoint import LayerWeights, Weights
-from reference.config import parse_config
+from reference.model.config import parse_config
+from reference.model.weights import LayerWeights, Weights
 
 
 def random_model(

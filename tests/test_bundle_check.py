@@ -10,12 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from reference.bundle import check, default_cases, read_inputs, read_manifest, write_bundle
-from reference.checkpoint import load_weights
-from reference.fetch import resolve_model
-from reference.generate import generate
-from reference.params import Params
-from reference.trace import make_trace, save_trace
+from reference.asl.generate import generate
+from reference.asl.params import Params
+from reference.io.checkpoint import load_weights
+from reference.io.fetch import resolve_model
+from reference.oracle.bundle import (
+    check,
+    default_cases,
+    read_inputs,
+    read_manifest,
+    write_bundle,
+)
+from reference.oracle.trace import make_trace, save_trace
 
 CASES = ["tiny-llama-asl", "tiny-llama-fastkv", "tiny-llama-snapkv", "tiny-llama-asl-2pass", "tiny-llama-gemfilter",
          "tiny-llama-edge-n-le-w", "tiny-llama-asl-max-pooling", "tiny-llama-edge-tau-at-ratio"]
@@ -111,8 +117,8 @@ def planted(bug: str):
     """A reference engine (or monkeypatch) with one known bug; returns (engine factory, patch context)."""
     import numpy as np
 
-    from reference.engine import ReferenceEngine
-    from reference.scoring import pool
+    from reference.asl.engine import ReferenceEngine
+    from reference.asl.scoring import pool
 
     class NoZeroPadding(ReferenceEngine):  # avg pooling divides by the in-range count at the edges
         def head_scores(self, q_window, cache, kernel, pooling):
@@ -162,8 +168,8 @@ def test_planted_engine_bugs_are_caught_where_they_act(bundle, tmp_path, bug, ca
 def test_planted_decision_bugs_are_caught(bundle, tmp_path, monkeypatch, bug, case, field):
     from fractions import Fraction
 
-    import reference.criterion as criterion
-    import reference.methods as methods
+    import reference.asl.criterion as criterion
+    import reference.asl.methods as methods
 
     if bug == "criterion-le":  # the real bug: ≤ instead of <, on a case whose ratio at L_min is exactly τ
         monkeypatch.setattr(criterion, "fires", lambda ratio, tau: ratio != float("inf") and ratio <= Fraction(tau))

@@ -20,8 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import reference.criterion as criterion
-from reference.bundle import (
+import reference.asl.criterion as criterion
+from reference.asl.generate import generate
+from reference.asl.params import Params
+from reference.errors import OracleError
+from reference.io.checkpoint import load_weights
+from reference.io.fetch import resolve_model
+from reference.oracle.bundle import (
     NOT_CHECKED,
     check,
     check_trace,
@@ -30,8 +35,7 @@ from reference.bundle import (
     read_manifest,
     write_bundle,
 )
-from reference.checkpoint import load_weights
-from reference.conformance import (
+from reference.oracle.conformance import (
     FAIL,
     NEAR,
     NOTE,
@@ -39,12 +43,8 @@ from reference.conformance import (
     compare,
     record_from_trace,
 )
-from reference.errors import OracleError
-from reference.fetch import resolve_model
-from reference.generate import generate
-from reference.mutations import CATALOGUE, planted
-from reference.params import Params
-from reference.trace import load_trace, make_trace, save_trace
+from reference.oracle.mutations import CATALOGUE, planted
+from reference.oracle.trace import load_trace, make_trace, save_trace
 
 CASES = ["tiny-llama-asl", "tiny-llama-edge-tau-at-ratio", "tiny-llama-edge-tau-above-ratio", "tiny-llama-snapkv",
          "tiny-llama-snapkv-ties", "tiny-llama-asl-kv-budget-ties", "tiny-llama-fastkv", "tiny-llama-gemfilter",

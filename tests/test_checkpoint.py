@@ -6,9 +6,9 @@ import shutil
 import numpy as np
 import pytest
 
-from reference.checkpoint import expected_tensors, load_weights
 from reference.errors import OracleError
-from reference.safetensors_io import map_tensor, open_mapped, read_header, save
+from reference.io.checkpoint import expected_tensors, load_weights
+from reference.io.safetensors import map_tensor, open_mapped, read_header, save
 from tests.conftest import CHECKPOINTS
 
 
@@ -118,7 +118,7 @@ def test_unsupported_rope_type_in_a_checkpoint(tmp_path):
 
 
 def test_expected_tensors_counts():
-    from reference.config import load_config
+    from reference.model.config import load_config
 
     cfg = load_config(CHECKPOINTS / "tiny-qwen2")
     names = expected_tensors(cfg)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from reference.cli import main
-from reference.trace import load_trace
+from reference.oracle.trace import load_trace
 from tests.test_cli import assert_clean_error, run_asl
 
 SMALL = ["--window", "4", "--kernel", "3", "--select-k", "24", "--tau", "0.5", "--l-min", "6", "--l-obs", "4",
@@ -138,7 +138,7 @@ def test_backend_with_float64_is_refused():
 
 def test_device_out_of_memory_is_one_clear_line(monkeypatch, capsys):
     """CuPy's OutOfMemoryError (matched by name, so CuPy need not be installed) becomes a one-line error."""
-    import reference.generate
+    import reference.asl.generate
 
     class OutOfMemoryError(Exception):
         pass
@@ -146,7 +146,7 @@ def test_device_out_of_memory_is_one_clear_line(monkeypatch, capsys):
     def exhausted(*args, **kwargs):
         raise OutOfMemoryError("out of memory allocating 8,589,934,592 bytes")
 
-    monkeypatch.setattr(reference.generate, "run_prefill", exhausted)
+    monkeypatch.setattr(reference.asl.generate, "run_prefill", exhausted)
     code = main(["run", "--model", "tiny-llama", "--prompt", "hello", *SMALL, "--backend", "numpy"])
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the loading progress bar
     assert code == 2 and last.startswith("asl: error: the GPU ran out of memory") and "--kv-budget" in last

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from reference.config import load_config, parse_config
 from reference.errors import OracleError
+from reference.model.config import load_config, parse_config
 
 LLAMA = dict(
     model_type="llama", vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

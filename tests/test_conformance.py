@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from reference.conformance import FAIL, NEAR, PASS, TOLERANCES, compare
-from reference.goldens import GOLDEN_DIR
-from reference.selection import ranks
+from reference.asl.selection import ranks
+from reference.oracle.conformance import FAIL, NEAR, PASS, TOLERANCES, compare
+from tests.conftest import GOLDEN_DIR
 
 F32 = TOLERANCES["float32"]
 

@@ -19,12 +19,15 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from reference.checkpoint import load_weights  # noqa: E402
-from reference.generate import eos_token_ids, generate  # noqa: E402
-from reference.model import prefill  # noqa: E402
-from reference.prompts import passkey_prompt  # noqa: E402
-from reference.rope import inverse_frequencies  # noqa: E402
-from reference.tokenizer import encode_chat, load_tokenizer  # noqa: E402
+from reference.asl.generate import generate
+from reference.eval.prompts import passkey_prompt  # noqa: E402
+from reference.io.checkpoint import (
+    eos_token_ids,  # noqa: E402
+    load_weights,  # noqa: E402
+)
+from reference.io.tokenizer import encode_chat, load_tokenizer  # noqa: E402
+from reference.model.rope import inverse_frequencies  # noqa: E402
+from reference.model.transformer import prefill  # noqa: E402
 
 pytestmark = pytest.mark.crosscheck
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -140,7 +143,7 @@ def _variant(tmp_path, change: dict, biases: bool = False):
     import json
     import shutil
 
-    from reference.safetensors_io import map_tensor, open_mapped, read_header, save
+    from reference.io.safetensors import map_tensor, open_mapped, read_header, save
     from tests.conftest import CHECKPOINTS
 
     d = tmp_path / "variant"

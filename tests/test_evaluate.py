@@ -4,10 +4,10 @@ import json
 
 import pytest
 
+from reference.asl.params import METHODS, Params
 from reference.errors import OracleError
-from reference.evaluate import RESULTS, read_results, run_eval
-from reference.params import METHODS, Params
-from reference.tasks import TASKS
+from reference.eval.runner import RESULTS, read_results, run_eval
+from reference.eval.tasks import TASKS
 
 SMALL = Params(window=8, kernel=3, select_k=64, tau=0.5, l_min=6, l_obs=4, select_layer=8, filter_layer=5, kv_budget=96)
 
@@ -68,7 +68,7 @@ def test_bad_input_is_a_clear_error(tmp_path, kwargs, fragment):
 
 
 def test_report_table_and_pictures(tmp_path):
-    from reference.report import summarize, write_report
+    from reference.eval.report import summarize, write_report
 
     out = tmp_path / "out"
     run_eval("tiny-llama", ["passkey", "niah_single"], [300, 400], 2, ["full", "snapkv", "asl"], SMALL, out,
@@ -86,7 +86,7 @@ def test_report_table_and_pictures(tmp_path):
 
 
 def test_report_of_an_empty_folder_is_a_clear_error(tmp_path):
-    from reference.report import write_report
+    from reference.eval.report import write_report
 
     with pytest.raises(OracleError, match="no results.jsonl rows"):
         write_report(tmp_path)

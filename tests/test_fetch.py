@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 import reference
-from reference import fetch as fetch_module
 from reference.errors import OracleError
-from reference.fetch import cache_dir, fetch, resolve_model
+from reference.io import fetch as fetch_module
+from reference.io.fetch import cache_dir, fetch, resolve_model
 
 HF_FILES = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
@@ -112,7 +112,7 @@ def test_resolve_smollm2_fetched(cache):
 
 
 def test_tiny_aliases_point_into_the_package():
-    checkpoints = Path(reference.__file__).parent / "checkpoints"
+    checkpoints = Path(reference.__file__).resolve().parent / "io" / "checkpoints"
     for alias in ("tiny-llama", "tiny-qwen2"):
         assert fetch(alias) == checkpoints / alias
         if (checkpoints / alias / "config.json").is_file():

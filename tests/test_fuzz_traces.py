@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reference.bundle import CaseResult, check_trace, default_cases, write_bundle
-from reference.trace import load_trace
+from reference.oracle.bundle import CaseResult, check_trace, default_cases, write_bundle
+from reference.oracle.trace import load_trace
 from tests.conftest import fuzz_examples
 
 EXAMPLES = fuzz_examples(60)

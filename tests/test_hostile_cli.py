@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from reference.fetch import resolve_model
+from reference.io.fetch import resolve_model
 
 ASL = [sys.executable, "-m", "reference"]
 
@@ -126,8 +126,8 @@ def test_an_npz_member_that_is_not_an_array(saved_trace, tmp_path):
 
 
 def test_a_candidate_with_another_vocabulary_is_an_error_not_a_broadcast(tmp_path):
-    from reference.bundle import check_trace, default_cases, write_bundle
-    from reference.trace import load_trace
+    from reference.oracle.bundle import check_trace, default_cases, write_bundle
+    from reference.oracle.trace import load_trace
 
     bundle = write_bundle("tiny-llama", [c for c in default_cases("tiny-llama") if c.name == "tiny-llama-full"],
                           tmp_path / "b", progress=False)

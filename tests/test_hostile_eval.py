@@ -11,12 +11,19 @@ import shutil
 
 import pytest
 
-from reference import evaluate
+from reference.asl.params import Params
 from reference.cli import main
 from reference.errors import OracleError
-from reference.evaluate import INCOMPLETE, RESULTS, SETTINGS, atomic_write, read_results, run_eval
-from reference.params import Params
-from reference.report import write_report
+from reference.eval import runner as evaluate
+from reference.eval.report import write_report
+from reference.eval.runner import (
+    INCOMPLETE,
+    RESULTS,
+    SETTINGS,
+    atomic_write,
+    read_results,
+    run_eval,
+)
 
 SMALL = Params(window=8, kernel=3, select_k=64, tau=0.5, l_min=6, l_obs=4, select_layer=8, filter_layer=5, kv_budget=96)
 EVAL = dict(model="tiny-qwen2", tasks=["passkey"], lengths=[300], samples=3, methods=["full"], params=SMALL,

@@ -32,16 +32,16 @@ from hypothesis import strategies as st
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from safetensors.numpy import load_file
 
-from reference import chat_template as tokmod
 from reference.cli import main
 from reference.errors import OracleError
-from reference.gguf_import import import_gguf
-from reference.tokenizer import encode_chat, load_tokenizer, render_chat
+from reference.io import chat_template as tokmod
+from reference.io.gguf import import_gguf
+from reference.io.tokenizer import encode_chat, load_tokenizer, render_chat
 from tests.conftest import CHECKPOINTS, fuzz_examples
 from tests.test_gguf_import import Spec, random_hf_weights, tiny_vocab, write_gguf
 
 T = gguf.GGUFValueType
-SECONDS = 8.0  # any one refusal, in-process; the limits of reference.chat_template stop work far sooner
+SECONDS = 8.0  # any one refusal, in-process; the limits of reference.io.chat_template stop work far sooner
 
 
 def run_asl(*args, timeout=60):

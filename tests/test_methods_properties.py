@@ -6,9 +6,9 @@ import numpy as np
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from reference.generate import generate
-from reference.methods import run_prefill
-from reference.params import Params
+from reference.asl.generate import generate
+from reference.asl.methods import run_prefill
+from reference.asl.params import Params
 from tests.model_factory import random_model
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -169,7 +169,7 @@ def test_two_pass_decoding_continues_at_len_kept(case, method):
 @given(cases(), st.sampled_from(["fastkv", "asl"]))
 def test_one_shot_decoding_continues_at_n(case, method):
     """One-shot methods keep original positions: generated token t sits at N + t in every layer."""
-    from reference.model import decode_step
+    from reference.model.transformer import decode_step
 
     model, ids, p = case
     w = random_model(**model)
@@ -184,8 +184,8 @@ def test_one_shot_decoding_continues_at_n(case, method):
 @given(cases())
 def test_replaying_the_criterion_from_stored_ranks_selects_the_same_layer(case):
     """criterion.replay over one score-every-layer run decides as run_prefill does for any τ, L_min, L_obs."""
-    from reference.criterion import replay
-    from reference.selection import select_k_prime
+    from reference.asl.criterion import replay
+    from reference.asl.selection import select_k_prime
 
     model, ids, p = case
     assume(len(ids) > p.window)

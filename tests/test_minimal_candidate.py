@@ -11,8 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from reference.bundle import ERROR, check, check_trace, default_cases, write_bundle
-from reference.trace import SCHEMA_PATH, load_trace
+from reference.oracle.bundle import (
+    ERROR,
+    check,
+    check_trace,
+    default_cases,
+    write_bundle,
+)
+from reference.oracle.trace import SCHEMA_PATH, load_trace
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "minimal_candidate" / "minimal.py"

@@ -5,11 +5,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reference.attention import group_attention
-from reference.checkpoint import load_weights
-from reference.config import parse_config
-from reference.model import decode_step, prefill, rms_norm, silu
-from reference.rope import apply_rope, inverse_frequencies, rope_tables
+from reference.io.checkpoint import load_weights
+from reference.model.attention import group_attention
+from reference.model.config import parse_config
+from reference.model.rope import apply_rope, inverse_frequencies, rope_tables
+from reference.model.transformer import decode_step, prefill, rms_norm, silu
 from tests.conftest import CHECKPOINTS
 
 CFG = parse_config(dict(
@@ -114,7 +114,7 @@ def test_prefill_all_logits_last_row_equals_last_token_logits():
 
 def test_layers_may_hold_different_numbers_of_tokens():
     """Drop tokens from one layer's cache: decoding then attends over what is left, by position."""
-    from reference.model import HeadCache
+    from reference.model.transformer import HeadCache
 
     w = load_weights(CHECKPOINTS / "tiny-llama", "float64")
     ids = list(range(10, 30))

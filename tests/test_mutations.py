@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from reference.checkpoint import load_weights
-from reference.fetch import resolve_model
-from reference.mutations import (
+from reference.io.checkpoint import load_weights
+from reference.io.fetch import resolve_model
+from reference.oracle.mutations import (
     CATALOGUE,
     MODELS,
     Mutation,

@@ -1,6 +1,6 @@
 """The port (gpu/) agrees with the reference on random tiny models, prompts and parameters.
 
-Agreement is judged by the tolerance policy of reference/conformance.py
+Agreement is judged by the tolerance policy of reference/oracle/conformance.py
 (docs/conformance.md), the same code the golden checks use. Every test runs
 on the NumPy backend; the CuPy variants run where CuPy and a GPU are present
 and are skipped with the reason otherwise.
@@ -21,14 +21,15 @@ from gpu.attention import KeyBounds, flash_attention, flash_group_attention
 from gpu.backend import cupy_unavailable_reason, get_xp, to_host
 from gpu.engine import PortEngine
 from gpu.loader import device_copy, load_device_weights
-from reference.attention import group_attention
-from reference.conformance import FAIL, TOLERANCES, compare, record_from_trace
-from reference.generate import generate
-from reference.goldens import GOLDEN_DIR, default_cases, run_case
-from reference.model import rms_norm, silu
-from reference.params import Params
-from reference.rope import apply_rope
-from reference.trace import make_trace
+from reference.asl.generate import generate
+from reference.asl.params import Params
+from reference.model.attention import group_attention
+from reference.model.rope import apply_rope
+from reference.model.transformer import rms_norm, silu
+from reference.oracle.conformance import FAIL, TOLERANCES, compare, record_from_trace
+from reference.oracle.goldens import default_cases, run_case
+from reference.oracle.trace import make_trace
+from tests.conftest import GOLDEN_DIR
 from tests.model_factory import random_model
 
 CUPY_SKIP = cupy_unavailable_reason()

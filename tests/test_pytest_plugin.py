@@ -4,17 +4,17 @@ import subprocess
 import sys
 import textwrap
 
-from reference.bundle import default_cases, write_bundle
+from reference.oracle.bundle import default_cases, write_bundle
 
 USER_TEST = '''
 import numpy as np
 import pytest
 
-from reference.checkpoint import load_weights
-from reference.fetch import resolve_model
-from reference.generate import generate
-from reference.params import Params
-from reference.trace import make_trace
+from reference.io.checkpoint import load_weights
+from reference.io.fetch import resolve_model
+from reference.asl.generate import generate
+from reference.asl.params import Params
+from reference.oracle.trace import make_trace
 
 WEIGHTS = load_weights(resolve_model("tiny-llama"), "float32")
 

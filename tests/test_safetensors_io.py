@@ -8,7 +8,14 @@ import pytest
 from safetensors.numpy import save_file
 
 from reference.errors import OracleError
-from reference.safetensors_io import bf16_bits, map_tensor, open_mapped, read_header, save, widen
+from reference.io.safetensors import (
+    bf16_bits,
+    map_tensor,
+    open_mapped,
+    read_header,
+    save,
+    widen,
+)
 
 
 def write_raw(path, header: dict, data: bytes, header_len: int | None = None):

@@ -18,10 +18,9 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from reference.criterion import RankVariance, fires, rank_variance, relative_ratio
-from reference.errors import OracleError
-from reference.params import GEMFILTER_KERNEL, METHODS, Params, check_params
-from reference.scoring import (
+from reference.asl.criterion import RankVariance, fires, rank_variance, relative_ratio
+from reference.asl.params import GEMFILTER_KERNEL, METHODS, Params, check_params
+from reference.asl.scoring import (
     group_scores,
     last_query_scores,
     pool,
@@ -30,7 +29,7 @@ from reference.scoring import (
     token_scores,
     window_attention,
 )
-from reference.selection import (
+from reference.asl.selection import (
     best,
     boundary_gap,
     kept_with_window,
@@ -38,6 +37,7 @@ from reference.selection import (
     select_k_prime,
     top_from_ranks,
 )
+from reference.errors import OracleError
 
 E = math.exp
 
@@ -593,10 +593,10 @@ def test_two_pass_asl_that_never_fires_falls_back_to_the_last_layers_ranks():
     """The authors' fallback, derived here from other code paths: one-shot ASL that never fires is a full run whose
     trace holds every scored layer's ranks; top(k') of layer L-1's ranks plus the window, re-run from scratch as a
     full prompt, must be exactly what two-pass ASL decodes from."""
-    from reference.checkpoint import load_weights
-    from reference.fetch import resolve_model
-    from reference.generate import generate
-    from reference.params import Params
+    from reference.asl.generate import generate
+    from reference.asl.params import Params
+    from reference.io.checkpoint import load_weights
+    from reference.io.fetch import resolve_model
 
     weights = load_weights(resolve_model("tiny-llama"), "float64")
     L = weights.config.num_hidden_layers

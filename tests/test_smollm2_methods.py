@@ -7,13 +7,17 @@ import json
 
 import pytest
 
-from reference.checkpoint import load_weights
+from reference.asl.generate import generate
+from reference.asl.params import Params
 from reference.cli import main
-from reference.generate import eos_token_ids, generate
-from reference.params import Params
-from reference.prompts import kv_needles_prompt, needle_token_positions, passkey_prompt
-from reference.tokenizer import load_tokenizer
-from reference.trace import make_trace
+from reference.eval.prompts import (
+    kv_needles_prompt,
+    needle_token_positions,
+    passkey_prompt,
+)
+from reference.io.checkpoint import eos_token_ids, load_weights
+from reference.io.tokenizer import load_tokenizer
+from reference.oracle.trace import make_trace
 
 pytestmark = pytest.mark.smollm2
 PARAMS = Params(tau=0.3, l_min=10, l_obs=8, window=32, kernel=7, select_k=256)

@@ -16,8 +16,8 @@ from collections import Counter
 import pytest
 
 from reference.errors import OracleError
-from reference.tasks import SCORING, TASKS, make_sample, niah_grid, score
-from reference.tokenizer import encode_chat, load_tokenizer
+from reference.eval.tasks import SCORING, TASKS, make_sample, niah_grid, score
+from reference.io.tokenizer import encode_chat, load_tokenizer
 
 ALL = ["niah_single", "niah_multikey", "niah_multikey_uuid", "niah_multivalue", "niah_multiquery",
        "vt", "cwe", "fwe", "passkey", "number_string", "kv_retrieval"]

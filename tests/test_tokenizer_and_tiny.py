@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from reference import tiny
-from reference.config import load_config
-from reference.tokenizer import encode_chat, load_tokenizer, render_chat
+from reference.io import tiny
+from reference.io.tokenizer import encode_chat, load_tokenizer, render_chat
+from reference.model.config import load_config
 from tests.conftest import CHECKPOINTS
 
 
@@ -38,7 +38,7 @@ def test_chat_template_renders_chatml(tiny_dir):
 
 def test_shared_attention_base_makes_deep_layers_alike():
     """The generator's design: q/k noise shrinks with depth, so deep layers' q projections converge."""
-    from reference.checkpoint import load_weights
+    from reference.io.checkpoint import load_weights
 
     w = load_weights(CHECKPOINTS / "tiny-llama")
     shallow = np.linalg.norm(w.layers[1].wq - w.layers[2].wq)
@@ -47,7 +47,11 @@ def test_shared_attention_base_makes_deep_layers_alike():
 
 
 def test_needle_prompts_work_at_any_length(tiny_dir):
-    from reference.prompts import kv_needles_prompt, needle_token_positions, passkey_prompt
+    from reference.eval.prompts import (
+        kv_needles_prompt,
+        needle_token_positions,
+        passkey_prompt,
+    )
 
     tok = load_tokenizer(tiny_dir)
     for n in (1, 50, 400):

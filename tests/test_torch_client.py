@@ -22,16 +22,17 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from reference.bundle import (
+from reference.eval.prompts import passkey_ids
+from reference.io.fetch import resolve_model
+from reference.oracle.bundle import (
     SMOLLM2_PARAMS,
     check_trace,
     default_cases,
     read_inputs,
     write_bundle,
 )
-from reference.fetch import resolve_model
-from reference.goldens import Case
-from reference.trace import validate_trace
+from reference.oracle.goldens import Case
+from reference.oracle.trace import validate_trace
 
 pytestmark = pytest.mark.crosscheck
 
@@ -41,8 +42,8 @@ PASSING = ("PASS", "PASS-within-tolerance")
 TINY_CASES = ["full", "snapkv", "snapkv-max", "fastkv", "fastkv-kv-budget", "asl", "asl-max-pooling",
               "asl-kv-budget", "asl-defaults", "edge-n-le-w", "edge-n-le-k", "edge-never-fires",
               "edge-tau-above-1", "edge-v0-zero"]
-FORBIDDEN = {"reference.scoring", "reference.selection", "reference.criterion", "reference.methods",
-             "reference.model", "reference.engine"}
+FORBIDDEN = {"reference.asl.scoring", "reference.asl.selection", "reference.asl.criterion", "reference.asl.methods",
+             "reference.model.transformer", "reference.asl.engine"}
 
 
 def load_client():
@@ -115,7 +116,7 @@ def test_client_agrees_with_the_oracle_on_smollm2(client, smollm2_dir, tmp_path)
     # tokens, so the one-shot propagation is exercised; SMOLLM2_PARAMS' τ = 0.3 never fires at 300.
     # float32 on both sides keeps the reference's bundle (the slow half) near 25 s on 2 cores.
     case = Case("smollm2-asl-300", "smollm2", "asl", 300, dict(SMOLLM2_PARAMS, tau=0.65), seed=0, max_new_tokens=4)
-    bundle = write_bundle("smollm2", [case], tmp_path / "b", dtype="float32", progress=False)
+    bundle = write_bundle("smollm2", [case], tmp_path / "b", dtype="float32", progress=False, prompt=passkey_ids)
     trace, result = run_and_check(client, bundle, case.name, torch.float32)
     expected = json.loads((bundle / f"{case.name}.trace.json").read_text())
     assert expected["select_layer"] is not None and len(expected["kept_positions"]) == 256
@@ -127,7 +128,7 @@ def test_short_prompts_with_wide_pooling_tie_exactly_on_both_sides(client, tmp_p
     """n - w ≤ s: every pooling window holds the whole prefix, so the scores are mathematically equal.
     The client's torch pooling and the reference must both see exact ties and apply SPEC's tie rule;
     before the reference summed windows in a fixed order, rounding decided these ranks (and V0 = 0 cliffs)."""
-    from reference.goldens import Case
+    from reference.oracle.goldens import Case
 
     cases = [Case(f"tiny-qwen2-n{n}-s{s}", "tiny-qwen2", "asl", n, dict(window=32, kernel=s, select_k=64),
                   max_new_tokens=1) for s in (9, 11) for n in (34, 36, 38)]

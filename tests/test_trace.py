@@ -1,4 +1,4 @@
-"""The trace (reference/trace.py, docs/trace.md): schema, budget accounting, round trips, bad files.
+"""The trace (reference/oracle/trace.py, docs/trace.md): schema, budget accounting, round trips, bad files.
 
 Expected values are computed here from the model's shape (tiny-llama: L = 24,
 H = 4, H_kv = 2, d = 8, D = 32, F = 64, V = 259, float32 on disk), from the
@@ -19,13 +19,19 @@ import numpy as np
 import pytest
 from jsonschema import Draft202012Validator
 
-from reference.checkpoint import load_weights
+from reference.asl.generate import generate
+from reference.asl.params import Params
 from reference.errors import OracleError
-from reference.generate import generate
-from reference.params import Params
-from reference.trace import SCHEMA_PATH, load_trace, make_trace, model_sha256, save_trace
+from reference.io.checkpoint import load_weights
+from reference.oracle.trace import (
+    SCHEMA_PATH,
+    load_trace,
+    make_trace,
+    model_sha256,
+    save_trace,
+)
 
-CHECKPOINTS = Path(__file__).resolve().parent.parent / "reference" / "checkpoints"
+CHECKPOINTS = Path(__file__).resolve().parent.parent / "reference" / "io" / "checkpoints"
 TINY = CHECKPOINTS / "tiny-llama"
 L, H, H_KV, HD, D, F, V = 24, 4, 2, 8, 32, 64, 259
 N = 120
@@ -91,7 +97,7 @@ def test_schema_is_a_valid_draft_2020_12_schema_and_ships_in_the_package():
     s = schema()
     assert s["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     Draft202012Validator.check_schema(s)
-    assert SCHEMA_PATH.parent == Path(__file__).resolve().parent.parent / "reference"
+    assert SCHEMA_PATH.parent == Path(__file__).resolve().parent.parent / "reference" / "oracle"
 
 
 def test_schema_describes_every_field():
@@ -480,8 +486,8 @@ def test_make_trace_refuses_a_wrong_dtype_or_config(runs, weights, sha):
 
 def test_snapkv_margins_are_recorded_per_kv_head(tmp_path):
     """kv_boundary_gaps: where a cache was compressed, each head's keep/drop margin, recomputed here by hand."""
-    from reference.model import decoder_layer, embed
-    from reference.scoring import group_scores, pooled_head_scores
+    from reference.asl.scoring import group_scores, pooled_head_scores
+    from reference.model.transformer import decoder_layer, embed
 
     w = load_weights(TINY)
     ids = np.random.default_rng(5).integers(3, 259, 90).tolist()

@@ -66,8 +66,10 @@ if __name__ == "__main__":
     parser.add_argument("out", type=Path, help="candidate directory to write tiny-llama-full.trace.json (+ .npz) into")
     args = parser.parse_args()
 
-    from reference import bundle, checkpoint, fetch, generate, params
-    from reference import trace as trace_io
+    from reference.asl import generate, params
+    from reference.io import checkpoint, fetch
+    from reference.oracle import bundle
+    from reference.oracle import trace as trace_io
 
     inputs = bundle.read_inputs(args.bundle, "tiny-llama-full")
     # "your implementation" starts here: the reference runs the case ...

@@ -1,7 +1,7 @@
 """ASL (and full / SnapKV / FastKV) written independently on PyTorch + Hugging Face transformers.
 
 This is the worked example for implementers and a second opinion on the
-NumPy reference: nothing here imports reference.scoring / selection /
+NumPy reference: nothing here imports reference.asl.scoring / selection /
 criterion / methods / model / engine. Every formula is re-derived from
 the contract, docs/semantics.md (called SPEC; section numbers in the comments). transformers
 supplies the weights and the modules (projections, MLP, embeddings, head);
@@ -10,7 +10,7 @@ ASL's criterion, caches and greedy decoding are written here.
 
     trace, arrays = run_case(model_dir, inputs)      # inputs: a bundle's CASE.inputs.json
 
-The result follows docs/trace.md and validates with reference.trace.validate_trace.
+The result follows docs/trace.md and validates with reference.oracle.trace.validate_trace.
 """
 
 from __future__ import annotations
@@ -402,9 +402,9 @@ def run_case(model_dir, inputs: dict, dtype: torch.dtype = torch.float64):
 if __name__ == "__main__":  # python examples/torch_client/asl_torch.py BUNDLE OUT_DIR [float32|float64]
     import sys
 
-    from reference.bundle import read_inputs, read_manifest
-    from reference.fetch import resolve_model
-    from reference.trace import save_trace
+    from reference.io.fetch import resolve_model
+    from reference.oracle.bundle import read_inputs, read_manifest
+    from reference.oracle.trace import save_trace
 
     bundle, out = Path(sys.argv[1]), Path(sys.argv[2])
     dt = {"float32": torch.float32, "float64": torch.float64}[sys.argv[3] if len(sys.argv) > 3 else "float64"]

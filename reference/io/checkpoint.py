@@ -14,99 +14,26 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from reference.config import Config, load_config, read_json, show
 from reference.errors import OracleError
-from reference.safetensors_io import (
+from reference.io.fetch import resolve_model
+from reference.io.safetensors import (
     SafetensorsFile,
     map_tensor,
     open_mapped,
     quote_name,
     read_header,
 )
+from reference.io.tokenizer import load_tokenizer
+from reference.model.config import Config, check_token_ids, load_config, read_json, show
+from reference.model.weights import LayerWeights, Weights, expected_tensors
+from reference.model.weights import axes as _axes
+from reference.model.weights import axis_sizes as _axis_sizes
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
-
-
-@dataclass(frozen=True)
-class LayerWeights:
-    """One decoder layer. Projections are stored as in HF: (out, in), used as x @ W.T."""
-
-    attn_norm: np.ndarray  # (D,)
-    wq: np.ndarray  # (H*hd, D)
-    wk: np.ndarray  # (H_kv*hd, D)
-    wv: np.ndarray  # (H_kv*hd, D)
-    wo: np.ndarray  # (D, H*hd)
-    bq: np.ndarray | None  # (H*hd,)
-    bk: np.ndarray | None  # (H_kv*hd,)
-    bv: np.ndarray | None  # (H_kv*hd,)
-    bo: np.ndarray | None  # (D,)
-    mlp_norm: np.ndarray  # (D,)
-    w_gate: np.ndarray  # (F, D)
-    w_up: np.ndarray  # (F, D)
-    w_down: np.ndarray  # (D, F)
-
-
-@dataclass(frozen=True)
-class Weights:
-    config: Config
-    embed: np.ndarray  # (V, D)
-    layers: tuple[LayerWeights, ...]
-    norm: np.ndarray  # (D,)
-    lm_head: np.ndarray  # (V, D); the embedding itself when tied
-    dtype: np.dtype
-
-
-def _axes(cfg: Config) -> dict[str, tuple[str, ...]]:
-    """Every tensor name the config implies, with its shape as axis symbols (see _axis_sizes)."""
-    axes = {"model.embed_tokens.weight": ("V", "D"), "model.norm.weight": ("D",)}
-    if not cfg.tie_word_embeddings:
-        axes["lm_head.weight"] = ("V", "D")
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        axes |= {
-            p + "input_layernorm.weight": ("D",),
-            p + "self_attn.q_proj.weight": ("Q", "D"),
-            p + "self_attn.k_proj.weight": ("KV", "D"),
-            p + "self_attn.v_proj.weight": ("KV", "D"),
-            p + "self_attn.o_proj.weight": ("D", "Q"),
-            p + "post_attention_layernorm.weight": ("D",),
-            p + "mlp.gate_proj.weight": ("F", "D"),
-            p + "mlp.up_proj.weight": ("F", "D"),
-            p + "mlp.down_proj.weight": ("D", "F"),
-        }
-        if cfg.attention_bias:
-            axes |= {
-                p + "self_attn.q_proj.bias": ("Q",),
-                p + "self_attn.k_proj.bias": ("KV",),
-                p + "self_attn.v_proj.bias": ("KV",),
-            }
-        if cfg.o_proj_bias:
-            axes[p + "self_attn.o_proj.bias"] = ("D",)
-    return axes
-
-
-def _axis_sizes(cfg: Config) -> dict[str, tuple[int, str, str]]:
-    """axis symbol -> (size, how config.json gives it, the keys to fix)."""
-    H, H_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    return {
-        "V": (cfg.vocab_size, f"vocab_size = {cfg.vocab_size}", "vocab_size"),
-        "D": (cfg.hidden_size, f"hidden_size = {cfg.hidden_size}", "hidden_size"),
-        "F": (cfg.intermediate_size, f"intermediate_size = {cfg.intermediate_size}", "intermediate_size"),
-        "Q": (H * hd, f"num_attention_heads × head_dim = {H} × {hd} = {H * hd}", "num_attention_heads or head_dim"),
-        "KV": (H_kv * hd, f"num_key_value_heads × head_dim = {H_kv} × {hd} = {H_kv * hd}",
-               "num_key_value_heads or head_dim"),
-    }
-
-
-def expected_tensors(cfg: Config) -> dict[str, tuple[int, ...]]:
-    """Every tensor name the config implies, with its shape."""
-    sizes = _axis_sizes(cfg)
-    return {name: tuple(sizes[a][0] for a in axes) for name, axes in _axes(cfg).items()}
 
 
 def _inside(model_dir: Path, path: Path, listed_in: Path | None = None) -> Path:
@@ -391,3 +318,27 @@ def load_weights(model_dir: str | Path, dtype: str = "float32") -> Weights:
         return tensor
 
     return assemble(cfg, get, np_dtype)
+
+
+def eos_token_ids(model_dir: str | Path, cfg: Config) -> tuple[int, ...]:
+    """End-of-sequence ids from generation_config.json, else from config.json; each id in the vocabulary."""
+    path = Path(model_dir) / "generation_config.json"
+    if path.is_file():
+        fix = "fix or delete generation_config.json"
+        raw = read_json(path, fix)
+        if not isinstance(raw, dict):
+            raise OracleError(f"{path}: expected a JSON object {{...}}, got {show(raw)}; {fix}")
+        if raw.get("eos_token_id") is not None:
+            return check_token_ids(raw["eos_token_id"], "eos_token_id", cfg.vocab_size, str(path), fix)
+    return cfg.eos_token_ids
+
+
+def load_reference(model: str, dtype: str, backend: str | None = None):
+    """(model_dir, weights, tokenizer or None, eos ids, engine None): a checkpoint alias or directory for the reference."""
+
+    if backend is not None:
+        raise OracleError(f"load_reference loads the reference only, not --backend {backend}")
+    model_dir = resolve_model(model)
+    weights = load_weights(model_dir, dtype)
+    tok = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+    return model_dir, weights, tok, eos_token_ids(model_dir, weights.config), None

@@ -5,7 +5,7 @@ tokenizer_config.json (or chat_template.jinja), rendered the way Hugging Face
 renders it (jinja2's ImmutableSandboxedEnvironment, trim_blocks, lstrip_blocks,
 the loopcontrols extension, ``raise_exception`` and a non-escaping ``tojson``),
 then encoded without adding special tokens again.
-It is rendered by `reference.chat_template`, a sandbox with limits on work and size.
+It is rendered by `reference.io.chat_template`, a sandbox with limits on work and size.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from reference.chat_template import CHAT_FIX, _one_line, _short, render
 from reference.errors import OracleError
+from reference.io.chat_template import CHAT_FIX, _one_line, _short, render
 
 
 @dataclass(frozen=True)

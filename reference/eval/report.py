@@ -7,7 +7,7 @@ report-select-layer.png (ASL's selection layer per task) and
 report-accuracy-kv.png (accuracy against KV saving per method).
 
 DIR/results.jsonl and DIR/settings.json are only read. Every results line is
-checked (`reference.evaluate.check_row`): a bad line is an error naming it; a
+checked (`reference.eval.runner.check_row`): a bad line is an error naming it; a
 half-written last line (a run killed while writing it) is skipped with a
 warning. The report and the pictures are each written atomically.
 """
@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from reference.errors import OracleError
-from reference.atomic import atomic_write
-from reference.evaluate import read_results
+from reference.eval.runner import read_results
+from reference.io.atomic import atomic_write
 
 SELECTING = ("fastkv", "gemfilter", "asl", "asl-2pass")
 

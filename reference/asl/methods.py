@@ -21,14 +21,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from reference.checkpoint import Weights
-from reference.config import Config
-from reference.criterion import Criterion
-from reference.engine import ReferenceEngine
-from reference.errors import OracleError
-from reference.params import GEMFILTER_KERNEL, Params, check_params
-from reference.scoring import group_scores, token_scores
-from reference.selection import (
+from reference.asl.criterion import Criterion
+from reference.asl.engine import ReferenceEngine
+from reference.asl.params import GEMFILTER_KERNEL, Params, check_params
+from reference.asl.scoring import group_scores, token_scores
+from reference.asl.selection import (
     best,
     boundary_gap,
     kept_with_window,
@@ -36,6 +33,9 @@ from reference.selection import (
     select_k_prime,
     top_from_ranks,
 )
+from reference.errors import OracleError
+from reference.model.config import Config
+from reference.model.weights import Weights
 
 
 @dataclass

@@ -8,7 +8,7 @@ near-tie:
 0. the candidate's decisions follow from its OWN numbers, exactly: ranks from
    its scores (ties: the earlier position first), the criterion from its ranks
    (`ratio < τ` on exact fractions), kept sets and SnapKV caches from its ranks
-   and scores (`reference/consistency.py`);
+   and scores (`reference/oracle/consistency.py`);
 1. selection layer: equal, or the expected run's criterion margin at the
    layer where the two part ways is within `margin` of zero and the two runs'
    ranks differ there (identical ranks give the identical exact ratio: no
@@ -29,7 +29,7 @@ Verdicts: PASS (no difference beyond the tolerances), PASS-within-tolerance
 one is described with layer, field, the positions each side alone kept, and
 margin). Findings of kind NOTE change no verdict: they say what differs without
 changing a decision (scores scaled by a constant, e.g. a mean for a sum).
-`reference.goldens` and the port's agreement tests call this same code.
+`reference.oracle.goldens` and the port's agreement tests call this same code.
 """
 
 from __future__ import annotations
@@ -38,11 +38,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reference.consistency import check_own_decisions, check_scored, layer_positions
-
-PASS, NEAR, FAIL = "PASS", "PASS-within-tolerance", "FAIL"
-NOTE = "NOTE"  # a finding that changes no verdict
-VERDICTS = (PASS, NEAR, FAIL)
+from reference.oracle.consistency import (
+    check_own_decisions,
+    check_scored,
+    layer_positions,
+)
+from reference.oracle.verdicts import FAIL, NEAR, NOTE, PASS, VERDICTS, Finding  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -59,17 +60,6 @@ TOLERANCES = {
     "float32": Tolerance(logits=1e-3, margin=1e-3, score=1e-4, criterion=1e-3),
     "float16": Tolerance(logits=0.25, margin=0.1, score=0.15, criterion=0.3),
 }
-
-
-@dataclass(frozen=True)
-class Finding:
-    verdict: str  # NEAR, FAIL or NOTE
-    field: str  # e.g. "select_layer", "kept_positions", "layers[12].kv_tokens", "logits"
-    message: str
-    layer: int | None = None
-    position: int | None = None  # a prompt position
-    margin: float | None = None
-    step: int | None = None  # a generated token's step (generated_ids)
 
 
 LAYER_KEYS = ("layer", "scored", "prefill_tokens", "kv_tokens", "union_size", "v", "ratio", "margin", "boundary_gap",

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reference.attention import group_attention
-from reference.checkpoint import LayerWeights, Weights
-from reference.config import Config
-from reference.rope import apply_rope, rope_tables
+from reference.model.attention import group_attention
+from reference.model.config import Config
+from reference.model.rope import apply_rope, rope_tables
+from reference.model.weights import LayerWeights, Weights
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from reference.checkpoint import Weights
-from reference.model import (
+from reference.asl.scoring import last_query_scores, pooled_head_scores
+from reference.model.transformer import (
     HeadCache,
     LayerCache,
     cached_keys,
@@ -24,7 +24,7 @@ from reference.model import (
     project_qkv,
     rms_norm,
 )
-from reference.scoring import last_query_scores, pooled_head_scores
+from reference.model.weights import Weights
 
 
 class ReferenceEngine:

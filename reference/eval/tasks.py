@@ -9,7 +9,7 @@ Lengths are measured in the model's own tokens: the number of filler units
 (filler sentences, list words, JSON pairs) is searched so that ``len(ids)`` is
 within :func:`length_tolerance` of ``n_tokens`` (±5% or ±20 tokens, whichever is
 larger). With ``chat=True`` the prompt is one user turn in the checkpoint's
-chat template (:func:`reference.tokenizer.encode_chat`) and the template's
+chat template (:func:`reference.io.tokenizer.encode_chat`) and the template's
 tokens count towards the length.
 
 :func:`score` applies each task's published scoring rule (:data:`SCORING`);
@@ -28,8 +28,8 @@ from typing import Callable
 import numpy as np
 
 from reference.errors import OracleError
-from reference.prompts import FILLER
-from reference.tokenizer import Tokenizer, encode_chat
+from reference.eval.prompts import FILLER
+from reference.io.tokenizer import Tokenizer, encode_chat
 
 # --- length tolerance -------------------------------------------------------------------------
 

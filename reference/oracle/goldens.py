@@ -1,7 +1,7 @@
 """Golden outputs: the reference's decisions on the tiny checkpoints, stored for review as diffs.
 
-    python -m reference.goldens            # regenerate tests/goldens/*.json, print a diff of every change
-    python -m reference.goldens --check    # exit 1 (with the diff) if any golden would change
+    python -m reference.oracle.goldens --out tests/goldens          # regenerate, print a diff of every change
+    python -m reference.oracle.goldens --out tests/goldens --check  # exit 1 (with the diff) if any would change
 
 A golden is a trimmed trace (docs/trace.md) of one case: token ids, the
 selection layer, kept positions, per-layer cache sizes and criterion values,
@@ -9,7 +9,7 @@ the ranks of a few scored layers, per-head cached positions of the last layer,
 and the next-token logits rounded to 8 decimals (every float to 10
 significant digits, so last-bit changes do not churn the files). Cases run in float64, so a
 golden does not depend on the BLAS that made it. `compare` is what
-tests/test_goldens.py applies: the tolerance policy of `reference.conformance`
+tests/test_goldens.py applies: the tolerance policy of `reference.oracle.conformance`
 (docs/conformance.md) at the dtype of the run being checked.
 """
 
@@ -24,11 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from reference.params import Params
+from reference.asl.generate import generate
+from reference.asl.params import Params
+from reference.io.checkpoint import load_weights
+from reference.io.fetch import resolve_model
+from reference.oracle.conformance import TOLERANCES, record_from_trace
+from reference.oracle.conformance import compare as compare_records
+from reference.oracle.trace import make_trace
 
-GOLDEN_DIR = Path(__file__).resolve().parent.parent / "tests" / "goldens"
 LOGIT_DECIMALS = 8
-SIGNIFICANT_DIGITS = 10  # far inside the float64 tolerances of reference/conformance.py
+SIGNIFICANT_DIGITS = 10  # far inside the float64 tolerances of reference/oracle/conformance.py
 BASE = Params(window=4, kernel=3, select_k=24, tau=0.5, l_min=6, l_obs=4, select_layer=8, filter_layer=5)
 
 
@@ -92,11 +97,6 @@ def run_case(case: Case, engine_factory=None, dtype: str = "float64") -> dict:
     engine_factory(model_dir) -> engine runs it on another engine (the port);
     default: the reference in float64.
     """
-    from reference.checkpoint import load_weights
-    from reference.conformance import record_from_trace
-    from reference.fetch import resolve_model
-    from reference.generate import generate
-    from reference.trace import make_trace
 
     model_dir = resolve_model(case.model)
     if engine_factory is None:
@@ -176,7 +176,6 @@ def golden_text(record: dict) -> str:
 
 def compare(golden: dict, fresh: dict):
     """(verdict, findings) of a fresh run against its golden, at the fresh run's dtype's tolerance."""
-    from reference.conformance import TOLERANCES, compare as compare_records
 
     return compare_records(golden["expected"], fresh["expected"], TOLERANCES[fresh["dtype"]])
 
@@ -185,9 +184,9 @@ def compare(golden: dict, fresh: dict):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reference.goldens", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m reference.oracle.goldens", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only report differences; write nothing")
-    parser.add_argument("--out", type=Path, default=GOLDEN_DIR, help=f"golden directory (default {GOLDEN_DIR})")
+    parser.add_argument("--out", type=Path, required=True, help="golden directory (the project's: tests/goldens, as `make goldens` passes)")
     args = parser.parse_args(argv)
     from tqdm import tqdm
 

@@ -1,7 +1,7 @@
 """Deterministic generator of the tiny committed checkpoints (tiny-llama, tiny-qwen2).
 
-    python -m reference.tiny            # rewrites reference/checkpoints/tiny-*
-    python -m reference.tiny --check    # exit 1 if the committed files differ
+    python -m reference.io.tiny            # rewrites reference/io/checkpoints/tiny-*
+    python -m reference.io.tiny --check    # exit 1 if the committed files differ
 
 Both are real Hugging Face-layout checkpoints with grouped-query attention and
 24 layers (so ASL's defaults L_min = 10, L_obs = 8 apply), a byte-level BPE
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reference.safetensors_io import save
+from reference.io.safetensors import save
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2; bytes follow
@@ -197,7 +197,7 @@ def _same_tree(a: Path, b: Path) -> bool:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reference.tiny", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m reference.io.tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="compare with the committed files instead of writing")
     args = parser.parse_args(argv)
     status = 0

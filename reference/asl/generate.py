@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from reference.checkpoint import Weights
-from reference.config import Config
-from reference.engine import ReferenceEngine
+from reference.asl.engine import ReferenceEngine
+from reference.asl.methods import PrefillResult, run_prefill
+from reference.asl.params import Params
 from reference.errors import OracleError
-from reference.methods import PrefillResult, run_prefill
-from reference.params import Params
+from reference.model.config import Config
+from reference.model.weights import Weights
 
 
 @dataclass
@@ -58,21 +57,6 @@ def check_prompt(cfg: Config, prompt_ids, max_new_tokens: int = 0) -> np.ndarray
             "so shorten the prompt to at most the window"
         )
     return ids.astype(np.int64)
-
-
-def eos_token_ids(model_dir: str | Path, cfg: Config) -> tuple[int, ...]:
-    """End-of-sequence ids from generation_config.json, else from config.json; each id in the vocabulary."""
-    from reference.config import check_token_ids, read_json, show
-
-    path = Path(model_dir) / "generation_config.json"
-    if path.is_file():
-        fix = "fix or delete generation_config.json"
-        raw = read_json(path, fix)
-        if not isinstance(raw, dict):
-            raise OracleError(f"{path}: expected a JSON object {{...}}, got {show(raw)}; {fix}")
-        if raw.get("eos_token_id") is not None:
-            return check_token_ids(raw["eos_token_id"], "eos_token_id", cfg.vocab_size, str(path), fix)
-    return cfg.eos_token_ids
 
 
 def greedy_token(logits: np.ndarray) -> int:

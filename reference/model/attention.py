@@ -7,7 +7,9 @@ tokens (ASL keeps original positions) or when decoding appends new ones.
 
 Queries are processed in blocks: a block needs only the keys up to its last
 query's position, and only keys past its first query's position need masking,
-so no (H, T, T) tensor is ever built and fully masked key blocks are skipped.
+so no (H, T, T) tensor is ever built: the keys past a block's last query are
+never multiplied (there are no key blocks here; the port's blocked attention,
+gpu/attention.py, has them).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reference.tokenizer import Tokenizer, encode_chat
+from reference.io.tokenizer import Tokenizer, encode_chat, load_tokenizer
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 QUESTION = "What is the pass key?"
@@ -80,3 +80,8 @@ def needle_token_positions(tok: Tokenizer, prompt: NeedlePrompt) -> list[int]:
         if ids[start : start + len(target)] == target:
             found += range(start, start + len(target))
     return found
+
+
+def passkey_ids(model_dir, n_tokens: int, seed: int = 0) -> list[int]:
+    """The token ids of `passkey_prompt` for a checkpoint directory (what `asl golden` puts in real-model bundles)."""
+    return passkey_prompt(load_tokenizer(model_dir), n_tokens, seed=seed).ids

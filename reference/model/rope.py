@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from reference.config import Config
+from reference.model.config import Config
 
 
 def inverse_frequencies(cfg: Config) -> np.ndarray:

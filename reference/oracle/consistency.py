@@ -7,7 +7,7 @@ re-derive every decision of a candidate from the arrays the candidate itself
 reports, and no floating-point tolerance is needed: a difference here is a
 bug (an unstable sort, `≤` for `<`, a window left out), never a near-tie.
 The comparison with the oracle's own numbers (rules 1-5) comes after, in
-`reference/conformance.py`.
+`reference/oracle/conformance.py`.
 
 Every function takes a *record* (`conformance.record_from_trace`) and returns
 a list of FAIL findings; what it cannot check for want of arrays is skipped
@@ -20,14 +20,15 @@ from fractions import Fraction
 
 import numpy as np
 
-from reference.criterion import replay
-from reference.selection import (
+from reference.asl.criterion import replay
+from reference.asl.selection import (
     best,
     kept_with_window,
     ranks,
     select_k_prime,
     top_from_ranks,
 )
+from reference.oracle.verdicts import FAIL, Finding
 
 ONE_SHOT = ("fastkv", "asl")
 TWO_PASS = ("gemfilter", "asl-2pass")
@@ -45,8 +46,6 @@ def layer_positions(rec: dict, layer: int) -> np.ndarray:
 
 
 def _finding(field: str, message: str, layer=None, position=None):
-    from reference.conformance import FAIL, Finding
-
     return Finding(FAIL, field, message, layer, position)
 
 

@@ -30,12 +30,23 @@ from pathlib import Path
 
 import numpy as np
 
-import reference.criterion as criterion
-import reference.generate as generate_module
-import reference.methods as methods
-import reference.scoring as scoring
-from reference.engine import ReferenceEngine
-from reference.model import HeadCache, decoder_layer, project_qkv, rms_norm
+import reference.asl.criterion as criterion
+import reference.asl.generate as generate_module
+import reference.asl.methods as methods
+import reference.asl.scoring as scoring
+from reference.asl.engine import ReferenceEngine
+from reference.asl.params import Params
+from reference.io.checkpoint import load_weights
+from reference.io.fetch import resolve_model
+from reference.model.transformer import HeadCache, decoder_layer, project_qkv, rms_norm
+from reference.oracle.bundle import (
+    check_trace,
+    default_cases,
+    read_inputs,
+    read_manifest,
+    write_bundle,
+)
+from reference.oracle.trace import make_trace
 
 MODELS = ("tiny-llama", "tiny-qwen2")
 
@@ -333,9 +344,6 @@ def _ordered(cases: list[str], model: str, hints: tuple) -> list[str]:
 
 def run_case(weights, bundle: Path, case: str, engine_class):
     """The planted implementation's trace of one case, as a (trace, arrays) candidate."""
-    from reference.bundle import read_inputs
-    from reference.params import Params
-    from reference.trace import make_trace
 
     inputs = read_inputs(bundle, case)
     gen = generate_module.generate(weights, inputs["prompt_ids"], inputs["max_new_tokens"],
@@ -347,7 +355,6 @@ def run_case(weights, bundle: Path, case: str, engine_class):
 
 def judge(m: Mutation, model: str, bundle: Path, weights):
     """(case, field, line) of the first default case that catches m as the catalogue says, else None."""
-    from reference.bundle import check_trace, read_manifest
 
     for case in _ordered(read_manifest(bundle)["cases"], model, m.cases):
         with planted(m) as engine_class:
@@ -365,8 +372,6 @@ def judge(m: Mutation, model: str, bundle: Path, weights):
 
 
 def bundles(out: Path, progress: bool = False) -> dict:
-    from reference.bundle import default_cases, write_bundle
-
     return {model: write_bundle(model, default_cases(model), out / model, "float64", progress=progress)
             for model in MODELS}
 
@@ -374,8 +379,6 @@ def bundles(out: Path, progress: bool = False) -> dict:
 def run_catalogue(out: Path, catalogue=CATALOGUE, progress: bool = False) -> list[Caught]:
     from tqdm import tqdm
 
-    from reference.checkpoint import load_weights
-    from reference.fetch import resolve_model
 
     where = bundles(out, progress)
     weights = {model: load_weights(resolve_model(model), "float64") for model in MODELS}

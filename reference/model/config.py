@@ -7,7 +7,7 @@ finite JSON number. Required keys are required, `num_key_value_heads` and
 `head_dim` are read explicitly, H % H_kv == 0 is checked, token ids lie in the
 vocabulary, and unknown architectures or rope-scaling types are refused with an
 error that names them. Unknown keys are ignored. Nothing is guessed from the
-model's name. Sizes are checked against the tensors by reference.checkpoint.
+model's name. Sizes are checked against the tensors by reference.io.checkpoint.
 """
 
 from __future__ import annotations

@@ -4,11 +4,11 @@ A bundle is a directory readable from any language:
 
     manifest.json               {"bundle_version", "cases": [names], "model": {...}, "tolerance_policy"}
     CASE.inputs.json            the inputs: model (name, sha256), prompt_ids, method, params, max_new_tokens
-    CASE.trace.json (+ .npz)    the expected trace (docs/trace.md; its JSON Schema is reference/trace_schema.json)
+    CASE.trace.json (+ .npz)    the expected trace (docs/trace.md; its JSON Schema is reference/oracle/trace_schema.json)
 
 A candidate is a directory holding CASE.trace.json (+ .npz) for each case,
 named as the bundle names them. `check` judges each case with the tolerance
-policy of reference/conformance.py (docs/conformance.md).
+policy of reference/oracle/conformance.py (docs/conformance.md).
 """
 
 from __future__ import annotations
@@ -18,9 +18,28 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reference.atomic import atomic_write
+from reference.asl.generate import generate
+from reference.asl.params import METHODS, Params, check_params
 from reference.errors import OracleError
-from reference.params import Params
+from reference.io.atomic import atomic_write
+from reference.io.checkpoint import eos_token_ids, load_weights
+from reference.io.fetch import resolve_model
+from reference.oracle.conformance import (
+    FAIL,
+    TOLERANCES,
+    compare,
+    record_from_trace,
+    unchecked,
+)
+from reference.oracle.goldens import Case
+from reference.oracle.goldens import default_cases as tiny_cases
+from reference.oracle.trace import (
+    load_trace,
+    make_trace,
+    model_sha256,
+    save_trace,
+    validate_trace,
+)
 
 BUNDLE_VERSION = 1
 SMOLLM2_PARAMS = dict(window=32, kernel=7, select_k=256, tau=0.3, l_min=10, l_obs=8, select_layer=15, filter_layer=13)
@@ -28,8 +47,6 @@ SMOLLM2_PARAMS = dict(window=32, kernel=7, select_k=256, tau=0.3, l_min=10, l_ob
 
 def default_cases(model: str):
     """The default case matrix for a model: every method, SPEC's edge cases, a few prompt lengths."""
-    from reference.goldens import Case
-    from reference.goldens import default_cases as tiny_cases
 
     if model in ("tiny-llama", "tiny-qwen2"):
         return [c for c in tiny_cases() if c.model == model]
@@ -49,7 +66,6 @@ def default_cases(model: str):
 
 def read_cases(path: Path, model: str):
     """Cases from a JSON file: [{"name", "method", "n_tokens", "params": {...}, "seed", "max_new_tokens"}, ...]."""
-    from reference.goldens import Case
 
     try:
         raw = json.loads(Path(path).read_text())
@@ -70,14 +86,10 @@ def read_cases(path: Path, model: str):
     return cases
 
 
-def write_bundle(model: str, cases, out: Path, dtype: str = "float64", progress: bool = True) -> Path:
+def write_bundle(model: str, cases, out: Path, dtype: str = "float64", progress: bool = True, prompt=None) -> Path:
     """Run every case on the reference and write the bundle into `out`."""
     from tqdm import tqdm
 
-    from reference.checkpoint import load_weights
-    from reference.fetch import resolve_model
-    from reference.generate import eos_token_ids, generate
-    from reference.trace import make_trace, model_sha256, save_trace
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -93,7 +105,7 @@ def write_bundle(model: str, cases, out: Path, dtype: str = "float64", progress:
         raise OracleError(f"--out {out}: cannot create the bundle directory ({e.strerror or e})") from None
     for case in tqdm(cases, desc="golden bundle", unit="case", disable=not progress, file=sys.stderr):
         params = params_of[case.name]
-        ids = prompt_for(case, model_dir)
+        ids = prompt_for(case, model_dir, prompt)
         gen = generate(weights, ids, case.max_new_tokens, eos, method=case.method, params=params)
         trace, arrays = make_trace(gen, model_name=model, model_sha256=sha, config=weights.config, dtype=dtype)
         save_trace(trace, arrays, out / f"{case.name}.trace.json", with_arrays=True)
@@ -103,14 +115,13 @@ def write_bundle(model: str, cases, out: Path, dtype: str = "float64", progress:
         atomic_write(out / f"{case.name}.inputs.json", json.dumps(inputs, indent=1) + "\n")
     manifest = {"bundle_version": BUNDLE_VERSION, "cases": [c.name for c in cases],
                 "model": {"name": model, "sha256": sha}, "dtype": dtype,
-                "tolerance_policy": "docs/conformance.md (reference/conformance.py)"}
+                "tolerance_policy": "docs/conformance.md (reference/oracle/conformance.py)"}
     atomic_write(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")  # last: a bundle is whole or absent
     return out
 
 
 def case_params(case, cfg) -> Params:
     """A case's resolved parameters, refused (naming the case) when unknown, out of range, or too long."""
-    from reference.params import check_params
 
     def bad(why: str) -> OracleError:
         return OracleError(f"case {case.name!r}: {why}")
@@ -132,14 +143,15 @@ def case_params(case, cfg) -> Params:
     return params
 
 
-def prompt_for(case, model_dir) -> list[int]:
-    """Tiny models: seeded random ids; real models: the passkey haystack in the chat template."""
+def prompt_for(case, model_dir, prompt=None) -> list[int]:
+    """Tiny models: seeded random ids; real models: prompt(model_dir, n_tokens, seed), e.g.
+    `reference.eval.prompts.passkey_ids` (the CLI's choice: the passkey haystack in the chat template)."""
     if case.model.startswith("tiny-"):
         return case.prompt_ids()
-    from reference.prompts import passkey_prompt
-    from reference.tokenizer import load_tokenizer
-
-    return passkey_prompt(load_tokenizer(model_dir), case.n_tokens, seed=case.seed).ids
+    if prompt is None:
+        raise OracleError(f"case {case.name!r} runs a real model: write_bundle needs prompt=(model_dir, n_tokens, seed) "
+                          "-> ids, e.g. reference.eval.prompts.passkey_ids")
+    return prompt(model_dir, case.n_tokens, case.seed)
 
 
 def _read_json(path: Path, what: str):
@@ -241,14 +253,6 @@ def check_trace(expected_path: Path, candidate, dtype: str | None = None, decisi
 
     A candidate without arrays is INCOMPLETE (never a PASS) unless decisions_only: then its decisions
     are judged and the result lists what could not be checked."""
-    from reference.conformance import (
-        FAIL,
-        TOLERANCES,
-        compare,
-        record_from_trace,
-        unchecked,
-    )
-    from reference.trace import load_trace, validate_trace
 
     case = expected_path.name.removesuffix(".trace.json")
     expected, expected_arrays = load_trace(expected_path)
@@ -281,7 +285,6 @@ def check(candidate_dir: Path, bundle: Path, dtype: str | None = None, methods=N
     """Every case of the bundle against the candidate directory's trace of the same name.
 
     methods: judge only the cases of these methods; the others are NOT-CHECKED (listed, not passed)."""
-    from reference.params import METHODS
 
     manifest = read_manifest(bundle)
     unknown = sorted(set(methods or ()) - set(METHODS))
