@@ -135,13 +135,13 @@ def asl_vs_full(tokens: list[int], repeats: int) -> int:
     import statistics
 
     from reference.asl.methods import run_prefill
-    from reference.asl.params import Params
+    from reference.asl.params import SMOLLM2_PARAMS
     from reference.eval.prompts import passkey_prompt
     from reference.io.fetch import resolve_model
     from reference.io.tokenizer import load_tokenizer
 
     model_dir = resolve_model("smollm2")
-    params = Params(tau=0.3, l_min=10, l_obs=8, window=32, kernel=7, select_k=256)
+    params = SMOLLM2_PARAMS
     engine, tok = port_engine(model_dir), load_tokenizer(model_dir)
     print(f"port on NumPy, {engine.threads} threads; {params}; median of {repeats} pairs")
     layer_seconds = []  # every engine.layer call of the current run: the rest of a run is ASL's own work

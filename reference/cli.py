@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from reference.asl.generate import generate
-from reference.asl.params import METHODS, POOLINGS, Params, check_params
+from reference.asl.params import METHODS, POOLINGS, SMOLLM2_PARAMS, Params, check_params
 from reference.errors import OracleError
 from reference.eval.prompts import passkey_ids, passkey_prompt
 from reference.eval.report import write_report
@@ -241,13 +241,12 @@ def cmd_import_gguf(args) -> int:
     return 0
 
 
-DEMO_PARAMS = dict(tau=0.3, l_min=10, l_obs=8, window=32, kernel=7, select_k=256)  # select_k sized for ~1K tokens
 
 
 def cmd_demo(args) -> int:
     start = time.perf_counter()
     _, weights, tok, eos, _ = load_model(args.model, "float32")
-    params = Params(**DEMO_PARAMS)
+    params = SMOLLM2_PARAMS
     context = weights.config.max_position_embeddings
     if args.max_new_tokens < 1:
         raise OracleError(f"--max-new-tokens must be ≥ 1 (the answer), got {args.max_new_tokens}")

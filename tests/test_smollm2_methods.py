@@ -8,7 +8,7 @@ import json
 import pytest
 
 from reference.asl.generate import generate
-from reference.asl.params import Params
+from reference.asl.params import SMOLLM2_PARAMS
 from reference.cli import main
 from reference.eval.prompts import (
     kv_needles_prompt,
@@ -20,7 +20,7 @@ from reference.io.tokenizer import load_tokenizer
 from reference.oracle.trace import make_trace
 
 pytestmark = pytest.mark.smollm2
-PARAMS = Params(tau=0.3, l_min=10, l_obs=8, window=32, kernel=7, select_k=256)
+PARAMS = SMOLLM2_PARAMS
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from reference.asl.params import SMOLLM2_PARAMS
 from reference.eval.prompts import passkey_ids
 from reference.io.fetch import resolve_model
 from reference.oracle.bundle import (
-    SMOLLM2_PARAMS,
     check_trace,
     default_cases,
     read_inputs,
@@ -115,7 +115,7 @@ def test_client_agrees_with_the_oracle_on_smollm2(client, smollm2_dir, tmp_path)
     # τ = 0.65 makes the criterion fire (at layer 17 for this prompt) and k = 256 < N = 300 drops
     # tokens, so the one-shot propagation is exercised; SMOLLM2_PARAMS' τ = 0.3 never fires at 300.
     # float32 on both sides keeps the reference's bundle (the slow half) near 25 s on 2 cores.
-    case = Case("smollm2-asl-300", "smollm2", "asl", 300, dict(SMOLLM2_PARAMS, tau=0.65), seed=0, max_new_tokens=4)
+    case = Case("smollm2-asl-300", "smollm2", "asl", 300, dict(SMOLLM2_PARAMS.to_dict(), kv_budget=None, tau=0.65), seed=0, max_new_tokens=4)
     bundle = write_bundle("smollm2", [case], tmp_path / "b", dtype="float32", progress=False, prompt=passkey_ids)
     trace, result = run_and_check(client, bundle, case.name, torch.float32)
     expected = json.loads((bundle / f"{case.name}.trace.json").read_text())

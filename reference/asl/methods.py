@@ -23,7 +23,7 @@ import numpy as np
 
 from reference.asl.criterion import Criterion
 from reference.asl.engine import ReferenceEngine
-from reference.asl.params import GEMFILTER_KERNEL, Params, check_params
+from reference.asl.params import GEMFILTER_KERNEL, METHOD, Method, Params, check_params
 from reference.asl.scoring import group_scores, token_scores
 from reference.asl.selection import (
     best,
@@ -134,20 +134,21 @@ class PassResult:
     kept: np.ndarray | None  # indices into this pass's tokens (= positions for a first pass)
 
 
-def one_pass(engine, ids: np.ndarray, p: Params, selector: str | None, stop_at_selection: bool = False) -> PassResult:
+def one_pass(engine, ids: np.ndarray, p: Params, selector: Method | None, stop_at_selection: bool = False) -> PassResult:
     """Run the prompt through the layers at positions 0 .. N-1.
 
-    selector: None (no selection), "fastkv" (select at ℓ_f) or "asl" (the
-    criterion). SnapKV applies at every layer when p.kv_budget is set.
+    selector: the method whose one-shot selection this pass makes (its `decides`:
+    "fixed", FastKV's ℓ_f, or "criterion", ASL's), or None for no selection.
+    SnapKV applies at every layer when p.kv_budget is set.
     """
     cfg = engine.config
     N, w, G = len(ids), p.window, cfg.group_size
     positions = np.arange(N, dtype=np.int64)
     k_prime = select_k_prime(p.select_k, N, w)
-    first_scored = {"fastkv": p.select_layer, "asl": p.l_min - p.l_obs + 1}.get(selector, cfg.num_hidden_layers)
+    first_scored = selector.first_scored(p, cfg.num_hidden_layers) if selector else cfg.num_hidden_layers
     x = check_finite(engine, engine.embed(ids), "in the token embeddings")  # (N, D)
     records, caches = [], []
-    criterion = Criterion(p.tau, p.l_min, p.l_obs, k_prime) if selector == "asl" else None
+    criterion = Criterion(p.tau, p.l_min, p.l_obs, k_prime) if selector and selector.decides == "criterion" else None
     select_layer = kept = None
     for layer in range(cfg.num_hidden_layers):
         n = len(positions)
@@ -160,7 +161,7 @@ def one_pass(engine, ids: np.ndarray, p: Params, selector: str | None, stop_at_s
             score = token_scores(p_heads)  # (n-w,)
             rank = ranks(score)  # (n-w,)
             record.scores, record.ranks, record.boundary_gap = score, rank, boundary_gap(score, k_prime)
-            decide = layer == p.select_layer if selector == "fastkv" else False
+            decide = selector.decides == "fixed" and layer == p.select_layer
             seen = criterion.observe(layer, rank) if criterion is not None else None
             if seen is not None:  # ASL at ℓ ≥ L_min
                 record.union_size, record.v = seen.variance.union_size, seen.variance.v
@@ -224,35 +225,33 @@ def run_prefill(
     ids = np.asarray(prompt_ids, dtype=np.int64)
     N = len(ids)
     notes = []
-    uses_window = method in ("snapkv", "fastkv", "asl", "asl-2pass")
-    if method != "full" and N <= p.window and (uses_window or method == "gemfilter"):
+    run = METHOD[method]
+    if run.scores and N <= p.window:
         notes.append(f"N ≤ w ({N} ≤ {p.window}): no token can be scored; ran as full")
-        method_run = "full"
-    else:
-        method_run = method
-    if method_run in ("fastkv", "asl", "asl-2pass", "gemfilter") and N <= p.select_k:
+        run = METHOD["full"]
+    if run.selects and N <= p.select_k:
         notes.append(f"N ≤ k ({N} ≤ {p.select_k}): the kept set is the whole prompt")
 
     def result(pass_: PassResult, next_position, select_layer, kept, first_pass=None) -> PrefillResult:
         return PrefillResult(method, p, pass_.logits, pass_.cache, next_position, select_layer, kept,
                              pass_.layers, first_pass, notes)
 
-    if method_run in ("full", "snapkv"):
-        run = one_pass(engine, ids, p, None)
-        return result(run, N, None, None)
-    if method_run in ("fastkv", "asl"):
-        run = one_pass(engine, ids, p, method_run)
-        if run.select_layer is None:
+    if not run.selects:  # full, snapkv
+        one = one_pass(engine, ids, p, None)
+        return result(one, N, None, None)
+    if not run.two_pass:  # fastkv, asl: one shot, original positions
+        one = one_pass(engine, ids, p, run)
+        if one.select_layer is None:
             notes.append(NEVER_FIRED + ": nothing was selected; ran as full")
-        return result(run, N, run.select_layer, run.kept)
-    if method_run == "gemfilter":
+        return result(one, N, one.select_layer, one.kept)
+    if run.decides == "last-query":  # gemfilter
         kept, first = gemfilter_first_pass(engine, ids, p)
         second = one_pass(engine, ids[kept], p, None)
         return result(second, len(kept), p.filter_layer, kept, first)
     # asl-2pass: ASL's criterion and kept set, then a fresh pass on the kept ids. When the criterion
     # never fires, the first pass has run every layer and, as the authors' code does, the selection
     # falls back to the last layer L-1: its top(k') ∪ window go to the second pass (SPEC, oracle decisions).
-    first = one_pass(engine, ids, p, "asl", stop_at_selection=True)
+    first = one_pass(engine, ids, p, run, stop_at_selection=True)
     select_layer, kept = first.select_layer, first.kept
     if select_layer is None:
         select_layer = engine.config.num_hidden_layers - 1

@@ -1,7 +1,11 @@
-"""Method names and parameters (SPEC's table), with their defaults and range checks.
+"""The methods as data, and their parameters (SPEC's table) with defaults and range checks.
 
-A parameter is checked only when the chosen method uses it; a value out of its
-range is an OracleError that names the parameter and the allowed range.
+`METHOD[name]` says, for each method, the parameters it reads, how it decides
+(nothing, a fixed layer, ASL's criterion, or GemFilter's last query), whether it
+runs a second pass, and its first scored layer: every other module reads this
+table instead of testing method names. A parameter is checked only when the
+chosen method uses it; a value out of its range is an OracleError that names
+the parameter and the allowed range.
 """
 
 from __future__ import annotations
@@ -11,19 +15,47 @@ from dataclasses import asdict, dataclass
 
 from reference.errors import OracleError
 
-METHODS = ("full", "snapkv", "fastkv", "gemfilter", "asl", "asl-2pass")
 POOLINGS = ("avg", "max")
 GEMFILTER_KERNEL = 5  # GemFilter's own pooling width, not the `kernel` parameter
+WINDOW_SCORING = ("window", "kernel", "pooling")  # what scoring by the last w queries reads
+ASL = ("select_k", "tau", "l_min", "l_obs")
 
-# which parameters each method reads (kv_budget: any method, when set)
-USES = {
-    "full": (),
-    "snapkv": ("window", "kernel", "pooling"),
-    "fastkv": ("window", "kernel", "pooling", "select_k", "select_layer"),
-    "gemfilter": ("select_k", "filter_layer"),
-    "asl": ("window", "kernel", "pooling", "select_k", "tau", "l_min", "l_obs"),
-    "asl-2pass": ("window", "kernel", "pooling", "select_k", "tau", "l_min", "l_obs"),
-}
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the methods table (SPEC sections 2-5)."""
+
+    name: str
+    uses: tuple[str, ...]  # parameters it reads (kv_budget: any method, when set)
+    decides: str | None  # None (no selection), "fixed" (FastKV's ℓ_f), "criterion" (ASL), "last-query" (GemFilter)
+    two_pass: bool  # the kept ids are run again from scratch at fresh positions
+    needs_budget: bool = False  # SnapKV alone: a method only when B is given
+
+    @property
+    def selects(self) -> bool:
+        return self.decides is not None
+
+    @property
+    def scores(self) -> bool:
+        """It scores tokens (to select, or for SnapKV's caches); with N ≤ w nothing can be scored."""
+        return self.selects or self.needs_budget
+
+    def first_scored(self, p: "Params", n_layers: int) -> int:
+        """The first layer whose tokens are scored for the selection (n_layers: never)."""
+        return {"fixed": p.select_layer, "criterion": p.l_min - p.l_obs + 1,
+                "last-query": p.filter_layer}.get(self.decides, n_layers)
+
+
+METHOD = {m.name: m for m in (
+    Method("full", (), None, False),
+    Method("snapkv", WINDOW_SCORING, None, False, needs_budget=True),
+    Method("fastkv", WINDOW_SCORING + ("select_k", "select_layer"), "fixed", False),
+    Method("gemfilter", ("select_k", "filter_layer"), "last-query", True),
+    Method("asl", WINDOW_SCORING + ASL, "criterion", False),
+    Method("asl-2pass", WINDOW_SCORING + ASL, "criterion", True),
+)}
+METHODS = tuple(METHOD)
+USES = {name: m.uses for name, m in METHOD.items()}  # kept for readers of the plain mapping
 
 
 @dataclass(frozen=True)
@@ -61,7 +93,7 @@ def check_params(method: str, p: Params, n_layers: int) -> None:
     """
     if method not in METHODS:
         raise OracleError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if method == "snapkv" and p.kv_budget is None:
+    if METHOD[method].needs_budget and p.kv_budget is None:
         raise OracleError("method snapkv needs --kv-budget B (the per-layer, per-KV-head cache size)")
     used = set(USES[method]) | ({"window", "kernel", "pooling", "kv_budget"} if p.kv_budget is not None else set())
     for name in ("window", "kernel", "select_k", "l_min", "l_obs", "select_layer", "filter_layer", "kv_budget"):
@@ -90,3 +122,8 @@ def check_params(method: str, p: Params, n_layers: int) -> None:
             raise _fail(name, f"in [0, {n_layers}) (the model's layers)", getattr(p, name))
     if "kv_budget" in used and p.kv_budget <= p.window:
         raise _fail("kv_budget", f"> window ({p.window})", p.kv_budget)
+
+
+# The authors' settings (the defaults above) with k sized for ~1K-token prompts: what the demo, the SmolLM2
+# bundles, tests and benchmarks use on SmolLM2, whose retrieval is reliable only up to about 1K tokens.
+SMOLLM2_PARAMS = Params(select_k=256)

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from reference.asl.params import METHOD
 from reference.errors import OracleError
 from reference.eval.runner import read_results
 from reference.io.atomic import atomic_write
 
-SELECTING = ("fastkv", "gemfilter", "asl", "asl-2pass")
+SELECTING = tuple(name for name, m in METHOD.items() if m.selects)
 
 
 def _mean(xs):

@@ -35,7 +35,7 @@ from typing import Callable
 
 from reference.asl.generate import generate
 from reference.asl.methods import NEVER_FIRED
-from reference.asl.params import METHODS, Params, check_params
+from reference.asl.params import METHOD, METHODS, Params, check_params
 from reference.errors import OracleError
 from reference.eval.tasks import (
     MAX_ANSWER_TOKENS,
@@ -205,7 +205,7 @@ def _resume_results(scan: _Scan) -> None:
 
 def method_params(method: str, params: Params) -> Params:
     """The KV budget B belongs to the snapkv method here, so that every other method is measured alone."""
-    return params if method == "snapkv" else replace(params, kv_budget=None)
+    return params if METHOD[method].needs_budget else replace(params, kv_budget=None)
 
 
 def _check_lists(tasks, lengths, samples, methods, max_new_tokens) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reference.asl.generate import generate
-from reference.asl.params import METHODS, Params, check_params
+from reference.asl.params import METHODS, SMOLLM2_PARAMS, Params, check_params
 from reference.errors import OracleError
 from reference.io.atomic import atomic_write
 from reference.io.checkpoint import eos_token_ids, load_weights
@@ -42,7 +42,6 @@ from reference.oracle.trace import (
 )
 
 BUNDLE_VERSION = 1
-SMOLLM2_PARAMS = dict(window=32, kernel=7, select_k=256, tau=0.3, l_min=10, l_obs=8, select_layer=15, filter_layer=13)
 
 
 def default_cases(model: str):
@@ -50,7 +49,7 @@ def default_cases(model: str):
 
     if model in ("tiny-llama", "tiny-qwen2"):
         return [c for c in tiny_cases() if c.model == model]
-    p = SMOLLM2_PARAMS
+    p = {k: v for k, v in SMOLLM2_PARAMS.to_dict().items() if k != "kv_budget"}
     cases = [Case(f"{m}-{n}", model, m, n, dict(p), seed=0, max_new_tokens=8)
              for n in (300, 1000) for m in ("full", "fastkv", "gemfilter", "asl", "asl-2pass")]
     cases += [

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from reference.asl.params import METHOD
 from reference.oracle.consistency import (
     check_own_decisions,
     check_scored,
@@ -149,7 +150,7 @@ def _check_select_layer(exp: dict, got: dict, tol: Tolerance) -> Finding | None:
     e, g = exp["select_layer"], got["select_layer"]
     if e == g:
         return None
-    if exp["method"] == "asl-2pass" and None in (e, g):  # two-pass ASL always selects once N > w
+    if METHOD[exp["method"]].two_pass and None in (e, g):  # two-pass ASL always selects once N > w
         return Finding(FAIL, "select_layer", f"expected {e}, got {g}: two-pass ASL selects even when its criterion "
                        "never fires (it falls back to the last layer's ranks and runs the second pass on them), "
                        "so no near-tie makes it run as full", e if e is not None else g)
@@ -215,7 +216,7 @@ def _check_kept(exp: dict, got: dict, tol: Tolerance) -> Finding | None:
     N, p = exp["num_prompt_tokens"], exp["params"]
     two_pass = bool(exp.get("first_pass"))
     scores = ((exp.get("first_pass_scores") if two_pass else exp.get("scores")) or {}).get(str(layer))
-    if exp["method"] == "gemfilter":  # every position is scored; the best min(k, N) are kept
+    if METHOD[exp["method"]].decides == "last-query":  # GemFilter: every position scored, the best min(k, N) kept
         n_prefix, count = N, min(p["select_k"], N)
     else:
         n_prefix = N - p["window"]

@@ -21,6 +21,7 @@ from fractions import Fraction
 import numpy as np
 
 from reference.asl.criterion import replay
+from reference.asl.params import METHOD, Params
 from reference.asl.selection import (
     best,
     kept_with_window,
@@ -29,10 +30,6 @@ from reference.asl.selection import (
     top_from_ranks,
 )
 from reference.oracle.verdicts import FAIL, Finding
-
-ONE_SHOT = ("fastkv", "asl")
-TWO_PASS = ("gemfilter", "asl-2pass")
-CRITERION = ("asl", "asl-2pass")
 
 
 def layer_positions(rec: dict, layer: int) -> np.ndarray:
@@ -52,16 +49,16 @@ def _finding(field: str, message: str, layer=None, position=None):
 def scored_layers(rec: dict) -> tuple[set, set]:
     """The layers SPEC's method scores, from its method, parameters and selection layer alone:
     (layers of the decoding pass, layers of the first pass)."""
-    method, p, N, select = rec["method"], rec["params"], rec["num_prompt_tokens"], rec["select_layer"]
+    m, p, N, select = METHOD[rec["method"]], rec["params"], rec["num_prompt_tokens"], rec["select_layer"]
     L = len(rec["layers"])
-    if method == "full" or method == "snapkv" or N <= p["window"]:  # N ≤ w: ran as full
+    if not m.selects or N <= p["window"]:  # N ≤ w: ran as full
         return set(), set()
-    if method == "fastkv":
-        return {p["select_layer"]}, set()
-    if method == "gemfilter":
-        return set(), {p["filter_layer"]}
-    first = p["l_min"] - p["l_obs"] + 1
-    if method == "asl-2pass" and rec["first_pass"]:
+    first = m.first_scored(Params(**p), L)
+    if m.decides == "fixed":
+        return {first}, set()
+    if m.decides == "last-query":
+        return set(), {first}
+    if m.two_pass and rec["first_pass"]:
         return set(), set(range(first, select + 1))
     return set(range(first, (L - 1 if select is None else select) + 1)), set()
 
@@ -107,13 +104,13 @@ def check_ranks(got: dict) -> list:
 
 
 def _criterion_ranks(got: dict) -> dict:
-    return got.get("first_pass_ranks") if got["method"] == "asl-2pass" and got["first_pass"] else got.get("ranks")
+    return got.get("first_pass_ranks") if METHOD[got["method"]].two_pass and got["first_pass"] else got.get("ranks")
 
 
 def check_criterion(got: dict, tolerance) -> list:
     """ASL's selection layer, v and ratio, replayed exactly on the candidate's own ranks."""
     p = got["params"]
-    if got["method"] not in CRITERION:
+    if METHOD[got["method"]].decides != "criterion":
         return []
     by_layer = _criterion_ranks(got) or {}
     first = p["l_min"] - p["l_obs"] + 1
@@ -123,7 +120,7 @@ def check_criterion(got: dict, tolerance) -> list:
     k_prime = select_k_prime(p["select_k"], got["num_prompt_tokens"], p["window"])
     stored = [None] * first + [np.asarray(by_layer[str(l)]) for l in range(first, last + 1)]
     selected, ratios = replay(stored, p["tau"], p["l_min"], p["l_obs"], k_prime)
-    if selected is None and got["method"] == "asl-2pass" and got["first_pass"]:
+    if selected is None and METHOD[got["method"]].two_pass and got["first_pass"]:
         selected = len(got["layers"]) - 1  # never fired: two-pass ASL falls back to the last layer's ranks
     if selected != got["select_layer"]:
         at = got["select_layer"] if selected is None else min(x for x in (selected, got["select_layer"]) if x is not None)
@@ -134,7 +131,7 @@ def check_criterion(got: dict, tolerance) -> list:
                f"{p['tau']!r}")
         return [_finding("select_layer", f"the candidate selects {got['select_layer']}, but its own ranks give "
                          f"{selected}: {why}", at)]
-    entries = got["first_pass"] if got["method"] == "asl-2pass" and got["first_pass"] else got["layers"]
+    entries = got["first_pass"] if METHOD[got["method"]].two_pass and got["first_pass"] else got["layers"]
     for layer, ratio in ratios.items():
         reported = entries[layer]["ratio"]
         value = float(ratio)
@@ -162,14 +159,15 @@ def check_kept(got: dict) -> list:
     if layer is None or kept is None:
         return []
     N = got["num_prompt_tokens"]
-    if method == "gemfilter":
+    m = METHOD[method]
+    if m.decides == "last-query":  # GemFilter: by its own scores, no window
         scores = (got.get("first_pass_scores") or {}).get(str(layer))
         if scores is None:
             return []
         derived = best(np.asarray(scores), min(p["select_k"], N)).tolist()
         rule = f"the min(k, N) = {min(p['select_k'], N)} best of its own GemFilter scores (ties: earlier first)"
     else:
-        rank = ((got.get("first_pass_ranks") if method in TWO_PASS else got.get("ranks")) or {}).get(str(layer))
+        rank = ((got.get("first_pass_ranks") if m.two_pass else got.get("ranks")) or {}).get(str(layer))
         if rank is None:
             return []
         w = p["window"]
@@ -177,7 +175,7 @@ def check_kept(got: dict) -> list:
         rule = "top(k') of its own ranks plus the window"
     if list(kept) == derived:
         return []
-    window_lost = [q for q in range(N - p["window"], N) if method != "gemfilter" and q not in kept]
+    window_lost = [q for q in range(N - p["window"], N) if m.decides != "last-query" and q not in kept]
     why = f"; window position(s) {window_lost[:8]} are missing (the window is always kept)" if window_lost else ""
     return [_finding("kept_positions", f"{len(kept)} kept at layer {layer}, but {rule} gives {len(derived)}: "
                      f"{_diff(kept, derived)}{why}", layer)]

@@ -27,6 +27,7 @@ import numpy as np
 
 from reference.asl.generate import Generation
 from reference.asl.methods import LayerRecord, layer_flops
+from reference.asl.params import METHOD
 from reference.errors import OracleError
 from reference.io.atomic import atomic_write
 from reference.io.checkpoint import shard_files
@@ -225,7 +226,7 @@ def _check_layers(entries: list[dict], where: str, doc: dict, max_tokens: int, f
         gaps = e["kv_boundary_gaps"]
         if gaps is not None and len(gaps) != H_kv:
             raise _Invalid(f"{at}.kv_boundary_gaps", f"has {len(gaps)} entries; expected one per KV head ({H_kv})")
-        decides = budget is not None and e["prefill_tokens"] > budget and not (first_pass and doc["method"] == "gemfilter")
+        decides = budget is not None and e["prefill_tokens"] > budget and not (first_pass and METHOD[doc["method"]].decides == "last-query")
         if (gaps is not None) != decides:
             rule = (f"SnapKV decides exactly at the layers holding more than kv_budget ({budget}) tokens"
                     if budget is not None else "without a kv_budget SnapKV never decides")
