@@ -27,6 +27,7 @@ import numpy as np
 from gpu import threads as cpu_threads
 from gpu.attention import flash_attention, flash_group_attention
 from gpu.backend import is_cupy, to_host
+from reference.asl.scoring import causal_window_softmax, last_query_scores, pool
 from reference.model.rope import apply_rope, rope_tables
 from reference.model.weights import Weights
 
@@ -240,38 +241,19 @@ class PortEngine:
         H, w, hd = q_window.shape
         n = cache.lengths[0]
         scale = F32(1.0 / float(np.sqrt(hd)))
-        hidden = xp.asarray(np.triu(np.ones((w, w), dtype=bool), 1))  # query n-w+i does not see key n-w+j, j > i
         u = xp.empty((H, n - w), dtype=F32)
 
-        def group(g):
+        def group(g):  # the port's own part: one KV group at a time, on the CPU threads (no (H, n, hd) repeat)
             s = (q_window[g * G:(g + 1) * G] * scale) @ cache.k[g, :n].astype(F32, copy=False).T  # (G, w, n)
-            xp.copyto(s[:, :, n - w:], F32(-np.inf), where=hidden)  # every earlier key is visible to every query
-            s -= s.max(axis=-1, keepdims=True)
-            xp.exp(s, out=s)
-            s /= s.sum(axis=-1, keepdims=True)
-            u[g * G:(g + 1) * G] = s[:, :, : n - w].sum(axis=1)
+            u[g * G:(g + 1) * G] = causal_window_softmax(s, xp)[:, :, : n - w].sum(axis=1)
 
         self.each(range(self.config.num_key_value_heads), group)
-        return to_host(self.pool(u, kernel, pooling))
-
-    def pool(self, u, kernel: int, kind: str):
-        """Width-s pooling along the last axis, s//2 padding (avg: zeros, divisor s; max: padding never wins)."""
-        xp, half, n = self.xp, kernel // 2, u.shape[-1]
-        pad = xp.full(u.shape[:-1] + (half,), 0.0 if kind == "avg" else -np.inf, dtype=u.dtype)
-        padded = xp.concatenate([pad, u, pad], axis=-1)
-        if kind == "avg":
-            total = xp.zeros_like(u)
-            for t in range(kernel):
-                total += padded[..., t:t + n]
-            return total / F32(kernel)
-        best = padded[..., 0:n]
-        for t in range(1, kernel):
-            best = xp.maximum(best, padded[..., t:t + n])
-        return best
+        return to_host(pool(u, kernel, pooling, xp=xp))
 
     @blas_single_threaded
     def gemfilter_scores(self, i: int, x, positions: np.ndarray, kernel: int) -> np.ndarray:
-        """Σ_h Q[h, N-1] · K[h//G, j] (raw), avg-pooled with width `kernel`: (N,) on the host."""
+        """GemFilter's score (reference.asl.scoring.last_query_scores) at layer i: (N,) on the host. The projection
+        is the port's own because it needs q of the last row only (qkv would project every row)."""
         lw, cfg = self.weights.layers[i], self.config
         h = self.rms_norm(x, lw.attn_norm)
         cos, sin = self.rope_tables(positions)
@@ -279,9 +261,7 @@ class PortEngine:
                             cos[-1:], sin[-1:])[:, 0]  # (H, hd)
         k = apply_rope(self.linear(h, lw.wk, lw.bk).reshape(len(positions), cfg.num_key_value_heads, -1).transpose(1, 0, 2),
                        cos, sin)  # (H_kv, N, hd)
-        q_groups = q_last.reshape(cfg.num_key_value_heads, cfg.group_size, -1).sum(axis=1)  # (H_kv, hd)
-        dots = (k * q_groups[:, None, :]).sum(axis=-1).sum(axis=0)  # (N,)
-        return to_host(self.pool(dots[None, :], kernel, "avg")[0])
+        return to_host(last_query_scores(q_last, k, cfg.group_size, kernel, xp=self.xp))
 
     def compress(self, cache: PortLayerCache, keep: list[np.ndarray]) -> PortLayerCache:
         for g, rows in enumerate(keep):

@@ -99,14 +99,14 @@ def later_wins_best(score, count):
     return np.sort(_later_first(score)[:count])
 
 
-def pool_without_zero_padding(u, kernel, kind="avg"):
+def pool_without_zero_padding(u, kernel, kind="avg", xp=np):
     """avg pooling that divides by the number of in-range values at the edges (PyTorch count_include_pad=False)."""
     if kind != "avg":
         return _pool(u, kernel, kind)
     return _pool(u, kernel, "avg") / _pool(np.ones_like(u), kernel, "avg")
 
 
-def pool_wrapping_around(u, kernel, kind="avg"):
+def pool_wrapping_around(u, kernel, kind="avg", xp=np):
     """max pooling by np.roll: the 'padding' wraps around, so values from the other end can win at the edges."""
     if kind != "max":
         return _pool(u, kernel, kind)
