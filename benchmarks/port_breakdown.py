@@ -139,13 +139,13 @@ def phases(n: int, rounds: int) -> None:
     gpu.threads.each = gpu.attention.each = timed_each
     gpu.attention.KeyBounds.for_queries = counted_for_queries
     try:
-        run_prefill(None, ids[:64], "full", engine=engine)
+        run_prefill(engine, ids[:64], "full")
         print(f"a full prefill of {n} tokens on the port, {engine.threads} threads, by phase (wall s):")
         for _ in range(rounds):
             wall.clear()
             idle[0], quiet[:] = 0.0, [0, 0]
             start = time.perf_counter()
-            run_prefill(None, ids, "full", engine=engine)
+            run_prefill(engine, ids, "full")
             total = time.perf_counter() - start
             print(f"  total {total:.2f}: projections {wall['project']:.2f}, attention {wall['attention']:.2f}, "
                   f"output projection + MLP {wall['finish']:.2f}; thread time idle at phase ends "

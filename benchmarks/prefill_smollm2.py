@@ -59,11 +59,11 @@ def run_port(model_dir, ids, repeats: int) -> float:
     from reference.asl.methods import run_prefill
 
     engine = port_engine(model_dir)
-    run_prefill(None, ids[:64], "full", engine=engine)
+    run_prefill(engine, ids[:64], "full")
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        run_prefill(None, ids, "full", engine=engine)  # not kept: the next run's peak memory is its own
+        run_prefill(engine, ids, "full")  # not kept: the next run's peak memory is its own
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -158,14 +158,14 @@ def asl_vs_full(tokens: list[int], repeats: int) -> int:
           f"{'ratio':>6} {'asl between layers s':>21} {'layers from the selection on s (full / asl)':>44}")
     for n in tokens:
         ids = passkey_prompt(tok, n, seed=0).ids
-        run_prefill(None, ids[:64], "full", engine=engine)  # warm-up
+        run_prefill(engine, ids[:64], "full")  # warm-up
         seconds, result, between, tail = {"full": [], "asl": []}, {}, [], {"full": [], "asl": []}
         for _ in range(repeats):
             for method in ("full", "asl"):
                 result[method] = None  # the previous run's caches go before this run allocates its own
                 layer_seconds = []
                 start = time.perf_counter()
-                result[method] = run_prefill(None, ids, method, params, engine=engine)
+                result[method] = run_prefill(engine, ids, method, params)
                 seconds[method].append(time.perf_counter() - start)
                 tail[method].append(layer_seconds)
                 if method == "asl":

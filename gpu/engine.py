@@ -19,6 +19,7 @@ Scores and logits come back to the host as float32 NumPy arrays.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -292,6 +293,7 @@ class PortEngine:
     def decode(self, caches, token: int, position: int):
         positions = np.array([position], dtype=np.int64)
         x = self.embed(np.array([token]))
+        caches = tuple(dataclasses.replace(c, lengths=list(c.lengths)) for c in caches)  # new caches, shared storage
         for i, cache in enumerate(caches):
             lw = self.weights.layers[i]
             q, k, v = self.qkv(x, lw, *self.rope_tables(positions))

@@ -42,6 +42,7 @@ from reference.model.config import parse_config
 from reference.oracle.conformance import TOLERANCES, compare
 from reference.oracle.goldens import default_cases, run_case
 from reference.oracle.trace import make_trace
+from reference.oracle.verdicts import VERDICTS
 
 LLAMA_31_8B = dict(
     model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -127,7 +128,7 @@ def run_goldens(report: Report, xp, weight_dtype: str) -> None:
         golden = json.loads((GOLDEN_DIR / f"{case.name}.json").read_text())  # the repository's goldens
         verdict, findings = compare(golden["expected"], run_case(case, engine)["expected"], TOLERANCES[weight_dtype])
         verdicts[case.name] = verdict if not findings else f"{verdict}: {findings[0].field}: {findings[0].message}"
-    counts = {v: sum(1 for x in verdicts.values() if x.split(":")[0] == v) for v in ("PASS", "PASS-within-tolerance", "FAIL")}
+    counts = {v: sum(1 for x in verdicts.values() if x.split(":")[0] == v) for v in VERDICTS}
     report.put("goldens", {"weight_dtype": weight_dtype, "counts": counts, "cases": verdicts})
 
 
@@ -163,7 +164,7 @@ def port_point(xp, weights, cfg, n_tokens: int, method: str, params, decode_toke
     peak_memory_reset(xp)
     sync(xp)
     start = time.perf_counter()
-    gen = generate(None, ids, 0, (), method=method, params=params, engine=engine)
+    gen = generate(engine, ids, 0, (), method=method, params=params)
     sync(xp)
     prefill_s = time.perf_counter() - start
     trace, _ = make_trace(gen, model_name="random", model_sha256="", config=cfg, dtype="float32")

@@ -35,6 +35,8 @@ from reference.io.fetch import fetch, resolve_model
 from reference.io.gguf import import_gguf
 from reference.io.tokenizer import encode_chat, load_tokenizer
 from reference.oracle.bundle import (
+    ERROR,
+    INCOMPLETE,
     NOT_CHECKED,
     PASSING,
     check,
@@ -44,6 +46,7 @@ from reference.oracle.bundle import (
 )
 from reference.oracle.mutations import self_test
 from reference.oracle.trace import load_trace, make_trace, model_sha256, save_trace
+from reference.oracle.verdicts import VERDICTS
 
 MODEL_HELP = "checkpoint directory (Hugging Face layout) or alias: tiny-llama, tiny-qwen2, smollm2"
 
@@ -108,7 +111,7 @@ def load_model(model: str, dtype: str, backend: str | None = None, weight_dtype:
 def cmd_generate(args) -> int:
     _, weights, tok, eos, engine = load_model(args.model, args.dtype, args.backend, args.weight_dtype, args.threads)
     ids = _prompt_ids(args, tok)
-    result = generate(weights, ids, args.max_new_tokens, eos, engine=engine)
+    result = generate(engine or weights, ids, args.max_new_tokens, eos)
     text = tok.decode(result.generated_ids) if tok is not None else json.dumps(result.generated_ids)
     print(text)
     n = len(result.generated_ids)
@@ -150,7 +153,7 @@ def cmd_run(args) -> int:
     params = _params(args)
     check_params(args.method, params, weights.config.num_hidden_layers)  # before any long work
     ids = _prompt_ids(args, tok)
-    result = generate(weights, ids, args.max_new_tokens, eos, method=args.method, params=params, engine=engine)
+    result = generate(engine or weights, ids, args.max_new_tokens, eos, method=args.method, params=params)
     sha = model_sha256(model_dir) if args.trace else ""  # hashing reads every weight: only for a saved trace
     trace, arrays = make_trace(result, model_name=args.model, model_sha256=sha, config=weights.config, dtype=args.dtype)
     if args.trace:
@@ -205,7 +208,7 @@ def cmd_check(args) -> int:
     else:
         for r in results:
             print(r.line())
-        verdicts = ("PASS", "PASS-within-tolerance", "FAIL", "INCOMPLETE", "ERROR", NOT_CHECKED)
+        verdicts = (*VERDICTS, INCOMPLETE, ERROR, NOT_CHECKED)
         counts = {v: sum(r.verdict == v for r in results) for v in verdicts}
         print("summary: " + ", ".join(f"{n} {v}" for v, n in counts.items() if n or v in verdicts[:3]))
     return 0 if all(r.verdict in PASSING or r.verdict == NOT_CHECKED for r in results) else 1

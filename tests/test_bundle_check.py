@@ -41,8 +41,8 @@ def write_candidate(bundle: Path, out: Path, dtype: str = "float32", engine_fact
     for case in read_manifest(bundle)["cases"]:
         inputs = read_inputs(bundle, case)
         engine = engine_factory(weights) if engine_factory else None
-        gen = generate(weights, inputs["prompt_ids"], inputs["max_new_tokens"], tuple(inputs["eos_token_ids"]),
-                       method=inputs["method"], params=Params(**inputs["params"]), engine=engine)
+        gen = generate(engine or weights, inputs["prompt_ids"], inputs["max_new_tokens"], tuple(inputs["eos_token_ids"]),
+                       method=inputs["method"], params=Params(**inputs["params"]))
         trace, arrays = make_trace(gen, model_name="candidate", model_sha256=inputs["model"]["sha256"],
                                    config=weights.config, dtype=dtype)
         save_trace(trace, arrays, out / f"{case}.trace.json", with_arrays=True)

@@ -66,8 +66,8 @@ def weights():
 def candidate(bundle: Path, case: str, weights, engine=None):
     """The reference's own (trace, arrays) for one case: the implementation under test."""
     inputs = read_inputs(bundle, case)
-    gen = generate(weights, inputs["prompt_ids"], inputs["max_new_tokens"], tuple(inputs["eos_token_ids"]),
-                   method=inputs["method"], params=Params(**inputs["params"]), engine=engine)
+    gen = generate(engine or weights, inputs["prompt_ids"], inputs["max_new_tokens"], tuple(inputs["eos_token_ids"]),
+                   method=inputs["method"], params=Params(**inputs["params"]))
     return make_trace(gen, model_name="candidate", model_sha256=inputs["model"]["sha256"], config=weights.config,
                       dtype="float64")
 

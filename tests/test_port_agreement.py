@@ -85,7 +85,7 @@ def test_port_agrees_with_the_reference(backend, case, threads_on_tiny_work):
     expected = generate(weights, ids, 4, (), method=method, params=params)
     port = PortEngine(device_copy(weights, xp, weight_dtype), xp, block_q=16, block_k=32,  # small blocks: many of them
                       threads=threads)  # NumPy only: 1, 2 or 3 CPU threads
-    got = generate(None, ids, 4, (), method=method, params=params, engine=port)
+    got = generate(port, ids, 4, (), method=method, params=params)
     verdict, findings = compare(record(expected, weights, "float32"), record(got, weights, "float32"),
                                 TOLERANCES[weight_dtype])
     assert verdict != FAIL, "; ".join(f"{f.field}: {f.message}" for f in findings)

@@ -10,9 +10,12 @@ decision can never depend on which engine computed it except through its inputs.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
 from reference.asl.scoring import last_query_scores, pooled_head_scores
+from reference.model.config import Config
 from reference.model.transformer import (
     HeadCache,
     LayerCache,
@@ -25,6 +28,42 @@ from reference.model.transformer import (
     rms_norm,
 )
 from reference.model.weights import Weights
+
+
+class Engine(Protocol):
+    """What `methods.py` asks of a model: the contract every engine keeps, and who owns a cache.
+
+    - `embed(ids)` -> x (N, D); `layer(i, x, positions, q_rows)` -> (x, the layer's cache, the last q_rows
+      rotated queries (H, q_rows, hd)); `logits(x)` -> (V,) host array from the last row.
+    - `head_scores(q_window, cache, kernel, pooling)` -> p (H, n-w) and `gemfilter_scores(i, x, positions,
+      kernel)` -> (N,): host NumPy arrays, so every decision is taken on the host by the same code.
+    - `compress(cache, keep)` -> the cache holding, per KV head g, the rows keep[g]. It TAKES OVER the cache
+      it is given: use only the returned one (the port compacts in place, the reference builds a new one).
+    - `decode(caches, token, position)` -> (logits, new caches). The caches passed in still read as before
+      (the reference builds new ones; the port appends past the old lengths into shared storage), so after
+      generation `prefill.cache` is the cache after prefill on either engine. Decode from a cache once: a
+      second decode from the same old cache would overwrite the port's shared slot.
+    - `positions(cache)` -> per KV head, the cached positions (host int64); `select_rows(x, rows)`;
+      `all_finite(x)` -> bool.
+    """
+
+    config: Config
+
+    def embed(self, ids: np.ndarray): ...
+    def layer(self, i: int, x, positions: np.ndarray, q_rows: int): ...
+    def head_scores(self, q_window, cache, kernel: int, pooling: str) -> np.ndarray: ...
+    def gemfilter_scores(self, i: int, x, positions: np.ndarray, kernel: int) -> np.ndarray: ...
+    def compress(self, cache, keep: list[np.ndarray]): ...
+    def positions(self, cache) -> list[np.ndarray]: ...
+    def select_rows(self, x, rows: np.ndarray): ...
+    def all_finite(self, x) -> bool: ...
+    def logits(self, x) -> np.ndarray: ...
+    def decode(self, caches, token: int, position: int): ...
+
+
+def as_engine(model) -> Engine:
+    """An Engine as it is, or Weights wrapped in the reference's own."""
+    return ReferenceEngine(model) if isinstance(model, Weights) else model
 
 
 class ReferenceEngine:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from reference.asl.engine import ReferenceEngine
+from reference.asl.engine import Engine, as_engine
 from reference.asl.methods import PrefillResult, run_prefill
 from reference.asl.params import Params
 from reference.errors import OracleError
@@ -73,25 +73,27 @@ def top2_gap(logits: np.ndarray) -> float:
 
 
 def generate(
-    weights: Weights,
+    engine: Engine | Weights,
     prompt_ids,
     max_new_tokens: int,
     eos_ids=(),
     on_token=None,
     method: str = "full",
     params: Params | None = None,
-    engine=None,
 ) -> Generation:
-    """Greedy continuation of the prompt after a prefill with `method`.
+    """Greedy continuation of the prompt after a prefill with `method`, on `engine` (an Engine, or Weights
+    for the reference's own).
 
     Decoding continues at the position the method leaves (N for one-shot
     methods, |kept| after a second pass); `on_token(id)` sees each token.
+    `result.prefill.cache` is still the cache after prefill: each decode step
+    returns a new cache (the Engine protocol, reference/asl/engine.py).
     """
-    ids = check_prompt((engine or weights).config, prompt_ids, max_new_tokens)
+    engine = as_engine(engine)
+    ids = check_prompt(engine.config, prompt_ids, max_new_tokens)
     result = Generation(prompt_ids=ids.tolist())
     start = time.perf_counter()
-    engine = engine or ReferenceEngine(weights)
-    result.prefill = run_prefill(weights, ids, method, params, engine=engine)
+    result.prefill = run_prefill(engine, ids, method, params)
     result.prefill_seconds = time.perf_counter() - start
     if max_new_tokens == 0:
         return result

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from reference.asl.criterion import Criterion
-from reference.asl.engine import ReferenceEngine
+from reference.asl.engine import Engine, as_engine
 from reference.asl.params import GEMFILTER_KERNEL, METHOD, Method, Params, check_params
 from reference.asl.scoring import group_scores, token_scores
 from reference.asl.selection import (
@@ -213,13 +213,11 @@ NEVER_FIRED_TWO_PASS = (NEVER_FIRED + ": fell back to the last layer's ranks (se
 
 
 def run_prefill(
-    weights: Weights | None, prompt_ids, method: str = "full", params: Params | None = None, engine=None
+    engine: Engine | Weights, prompt_ids, method: str = "full", params: Params | None = None
 ) -> PrefillResult:
-    """Prefill the prompt with `method`; the result holds logits, cache and every decision.
-
-    The arithmetic runs on `engine` (default: the reference's, over `weights`).
-    """
-    engine = engine or ReferenceEngine(weights)
+    """Prefill the prompt with `method` on `engine` (an Engine, or Weights for the reference's own);
+    the result holds logits, cache and every decision."""
+    engine = as_engine(engine)
     p = params or Params()
     check_params(method, p, engine.config.num_hidden_layers)
     ids = np.asarray(prompt_ids, dtype=np.int64)
@@ -233,8 +231,9 @@ def run_prefill(
         notes.append(f"N ≤ k ({N} ≤ {p.select_k}): the kept set is the whole prompt")
 
     def result(pass_: PassResult, next_position, select_layer, kept, first_pass=None) -> PrefillResult:
-        return PrefillResult(method, p, pass_.logits, pass_.cache, next_position, select_layer, kept,
-                             pass_.layers, first_pass, notes)
+        return PrefillResult(method=method, params=p, logits=pass_.logits, cache=pass_.cache,
+                             next_position=next_position, select_layer=select_layer, kept_positions=kept,
+                             layers=pass_.layers, first_pass=first_pass, notes=notes)
 
     if not run.selects:  # full, snapkv
         one = one_pass(engine, ids, p, None)

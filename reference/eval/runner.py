@@ -317,8 +317,8 @@ def run_eval(model: str, tasks: list[str], lengths: list[int], samples: int, met
             sample = make_sample(task, tok, length, seed=i)  # the same prompt for every method
             limit = sample.max_answer_tokens if max_new_tokens is None else max_new_tokens
             for method in pending:
-                gen = generate(weights, sample.ids, limit, eos, method=method, params=method_params(method, params),
-                               engine=engine)
+                gen = generate(engine or weights, sample.ids, limit, eos, method=method,
+                               params=method_params(method, params))
                 trace, _ = make_trace(gen, model_name=model, model_sha256="", config=cfg, dtype="float32")
                 prediction = tok.decode(gen.generated_ids)
                 row = {"task": task, "length": length, "sample": i, "seed": sample.seed, "method": method,

@@ -40,6 +40,7 @@ from reference.oracle.trace import (
     save_trace,
     validate_trace,
 )
+from reference.oracle.verdicts import NEAR, PASS
 
 BUNDLE_VERSION = 1
 
@@ -206,7 +207,7 @@ def read_inputs(bundle: Path, case: str) -> dict:
 INCOMPLETE = "INCOMPLETE"  # decisions agree, but a check could not run for want of the candidate's arrays
 NOT_CHECKED = "NOT-CHECKED"  # left out by a method filter: neither passed nor failed
 ERROR = "ERROR"  # missing or malformed candidate
-PASSING = ("PASS", "PASS-within-tolerance")
+PASSING = (PASS, NEAR)
 
 
 @dataclass

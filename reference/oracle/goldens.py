@@ -107,7 +107,7 @@ def run_case(case: Case, engine_factory=None, dtype: str = "float64") -> dict:
         weights = engine.weights
         dtype = "float32"
     params = case.full_params()
-    gen = generate(weights, case.prompt_ids(), case.max_new_tokens, (), method=case.method, params=params, engine=engine)
+    gen = generate(engine or weights, case.prompt_ids(), case.max_new_tokens, (), method=case.method, params=params)
     trace, arrays = make_trace(gen, model_name=case.model, model_sha256="", config=weights.config, dtype=dtype)
     scored = [e["layer"] for e in trace["first_pass"] or trace["layers"] if e["scored"]]  # where the method scored
     shown = {scored[0], scored[-1], trace["select_layer"]} if scored else set()

@@ -47,6 +47,7 @@ from reference.oracle.bundle import (
     write_bundle,
 )
 from reference.oracle.trace import make_trace
+from reference.oracle.verdicts import PASS
 
 MODELS = ("tiny-llama", "tiny-qwen2")
 
@@ -243,13 +244,13 @@ def _snapkv_keep_b_prefix(p_heads, group_size, budget, window):
     return keep, [methods.boundary_gap(s, budget) for s in score_g], score_g
 
 
-def _two_pass_as_full_when_never_fired(weights, prompt_ids, method="full", params=None, engine=None):
+def _two_pass_as_full_when_never_fired(engine, prompt_ids, method="full", params=None):
     """Two-pass ASL that runs as full when its criterion never fires (no fallback to the last layer)."""
     if method == "asl-2pass":
-        one_shot = methods.run_prefill(weights, prompt_ids, "asl", params, engine=engine)
+        one_shot = methods.run_prefill(engine, prompt_ids, "asl", params)
         if one_shot.select_layer is None:
             return dataclasses.replace(one_shot, method="asl-2pass")
-    return methods.run_prefill(weights, prompt_ids, method, params, engine=engine)
+    return methods.run_prefill(engine, prompt_ids, method, params)
 
 
 _variance = criterion.rank_variance
@@ -346,9 +347,9 @@ def run_case(weights, bundle: Path, case: str, engine_class):
     """The planted implementation's trace of one case, as a (trace, arrays) candidate."""
 
     inputs = read_inputs(bundle, case)
-    gen = generate_module.generate(weights, inputs["prompt_ids"], inputs["max_new_tokens"],
+    gen = generate_module.generate(engine_class(weights), inputs["prompt_ids"], inputs["max_new_tokens"],
                                    tuple(inputs["eos_token_ids"]), method=inputs["method"],
-                                   params=Params(**inputs["params"]), engine=engine_class(weights))
+                                   params=Params(**inputs["params"]))
     return make_trace(gen, model_name="planted", model_sha256=inputs["model"]["sha256"], config=weights.config,
                       dtype=inputs["dtype"])
 
@@ -362,7 +363,7 @@ def judge(m: Mutation, model: str, bundle: Path, weights):
         result = check_trace(bundle / f"{case}.trace.json", candidate)
         if m.neutral:
             hit = [f for f in result.notes if re.search(m.field, f.field)]
-            if result.verdict == "PASS" and hit:
+            if result.verdict == PASS and hit:
                 return case, hit[0].field, result.line()
             continue
         fails = [f for f in result.findings if f.verdict == "FAIL"]
