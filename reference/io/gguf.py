@@ -67,6 +67,8 @@ from tokenizers import (
 from tqdm import tqdm
 
 from reference.errors import OracleError
+from reference.model.config import parse_config
+from reference.model.weights import expected_tensors
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -353,35 +355,8 @@ def gguf_tensor_name(hf_name: str) -> str:
 
 
 def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Every HF tensor the config implies, with its (out, in) shape."""
-    D, F, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    q_dim = config["num_attention_heads"] * config["head_dim"]
-    kv_dim = config["num_key_value_heads"] * config["head_dim"]
-    shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
-    if not config["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (V, D)
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (D,),
-            p + "post_attention_layernorm.weight": (D,),
-            p + "self_attn.q_proj.weight": (q_dim, D),
-            p + "self_attn.k_proj.weight": (kv_dim, D),
-            p + "self_attn.v_proj.weight": (kv_dim, D),
-            p + "self_attn.o_proj.weight": (D, q_dim),
-            p + "mlp.gate_proj.weight": (F, D),
-            p + "mlp.up_proj.weight": (F, D),
-            p + "mlp.down_proj.weight": (D, F),
-        }
-        if config["attention_bias"]:
-            shapes |= {
-                p + "self_attn.q_proj.bias": (q_dim,),
-                p + "self_attn.k_proj.bias": (kv_dim,),
-                p + "self_attn.v_proj.bias": (kv_dim,),
-            }
-            if config["model_type"] == "llama":  # HF Llama's attention_bias also covers o_proj
-                shapes[p + "self_attn.o_proj.bias"] = (D,)
-    return shapes
+    """Every HF tensor the converted config implies, with its (out, in) shape: the model's one table."""
+    return expected_tensors(parse_config(config, "the config converted from the GGUF metadata"))
 
 
 def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
