@@ -15,6 +15,8 @@ reference are in how, never in what:
   by doubling when decoding runs past the reserve;
 - window scores computed per KV group from the last w queries only.
 Scores and logits come back to the host as float32 NumPy arrays.
+
+(Length: one engine: the Engine protocol's methods plus the port's preallocated caches and CPU threads; splitting it would scatter one engine's state.)
 """
 
 from __future__ import annotations

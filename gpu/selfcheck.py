@@ -17,6 +17,8 @@ Steps, each written to OUT as it finishes (so a run cut short still reports):
    is importable, PyTorch SDPA prefill of the same shapes as the peer.
 OUT/results.json holds every number; OUT/gpu-results.md the report for
 docs/gpu-results.md. The run keeps to --budget-s and skips what would not fit.
+
+(Length: the whole device check is one script, so that one short command runs it on a machine that has nothing else.)
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ writing it: `read_results` skips it with a warning and leaves the file alone;
 from results.jsonl by an atomic rewrite before resuming. Every argument is
 checked before settings.json is written, and files written whole are written
 atomically (`atomic_write`).
+
+(Length: the runner together with its one file format: the results-row checks and the crash recovery of results.jsonl.)
 """
 
 from __future__ import annotations

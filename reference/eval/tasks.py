@@ -14,6 +14,8 @@ tokens count towards the length.
 
 :func:`score` applies each task's published scoring rule (:data:`SCORING`);
 docs/evaluation.md says where a task follows its original and where it is "lite".
+
+(Length: eleven task generators with their published scoring rules, each a screenful.)
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ has another shape, or holds a non-finite value, naming the tensor.
 
 Tensors are memory-mapped: a float32 tensor used in float32 is a view of the
 file (never copied); F16/BF16, or any tensor used in float64, is converted once.
+
+(Length: loading together with the containment and tensor checks that make a hostile checkpoint directory safe to open.)
 """
 
 from __future__ import annotations

@@ -37,6 +37,8 @@ anything loops over them or allocates. A failed import, whatever the cause,
 removes its staging directory; staging directories left by killed imports
 (same host, process gone) are removed by the next import into the same
 place.
+
+(Length: one converter: metadata checks, tensor dequantization and layout, and the tokenizer, for one file format.)
 """
 
 from __future__ import annotations

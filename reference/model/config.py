@@ -8,6 +8,8 @@ finite JSON number. Required keys are required, `num_key_value_heads` and
 vocabulary, and unknown architectures or rope-scaling types are refused with an
 error that names them. Unknown keys are ignored. Nothing is guessed from the
 model's name. Sizes are checked against the tensors by reference.io.checkpoint.
+
+(Length: every config.json key the model reads, with its cross-field checks (the per-key types and ranges are config_schema.json).)
 """
 
 from __future__ import annotations

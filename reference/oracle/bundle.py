@@ -9,6 +9,8 @@ A bundle is a directory readable from any language:
 A candidate is a directory holding CASE.trace.json (+ .npz) for each case,
 named as the bundle names them. `check` judges each case with the tolerance
 policy of reference/oracle/conformance.py (docs/conformance.md).
+
+(Length: one format: writing bundles, reading their manifests and inputs safely, and the checker's per-case results.)
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ one is described with layer, field, the positions each side alone kept, and
 margin). Findings of kind NOTE change no verdict: they say what differs without
 changing a decision (scores scaled by a constant, e.g. a mean for a sum).
 `reference.oracle.goldens` and the port's agreement tests call this same code.
+
+(Length: rules 1-5 of one policy, kept in one file to be read in the order they are applied.)
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ catalogue.
 
 `rebind(f, name=value)` is how a bug is planted inside one function and not
 its neighbours: a copy of f whose global `name` is `value`.
+
+(Length: the catalogue itself: each planted bug is a few lines, and they belong in one list.)
 """
 
 from __future__ import annotations

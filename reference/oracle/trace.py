@@ -9,6 +9,8 @@ follow the schema or whose fields disagree with each other.
 
 +inf is a legal ratio (V0 = 0 < v_ℓ, SPEC "Oracle decisions"); JSON has no
 infinity, so it is written as the string "inf". NaN is never valid.
+
+(Length: the format's writer and its validator, which must agree field by field.)
 """
 
 from __future__ import annotations
