@@ -34,6 +34,7 @@ from reference.io.checkpoint import eos_token_ids, load_reference
 from reference.io.fetch import fetch, resolve_model
 from reference.io.gguf import import_gguf
 from reference.io.tokenizer import encode_chat, load_tokenizer
+from reference.model.config import read_json
 from reference.oracle.bundle import (
     ERROR,
     INCOMPLETE,
@@ -52,16 +53,12 @@ MODEL_HELP = "checkpoint directory (Hugging Face layout) or alias: tiny-llama, t
 
 
 def _read_prompt_ids(path: str) -> list[int]:
-    try:
-        ids = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise OracleError(f"--prompt-ids: file {path} not found") from None
-    except IsADirectoryError:
-        raise OracleError(f"--prompt-ids: {path} is a directory; give the JSON file of token ids") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise OracleError(f"--prompt-ids: {path} is not valid JSON ({e})") from None
-    except OSError as e:
-        raise OracleError(f"--prompt-ids: cannot read {path} ({e.strerror or e})") from None
+    file = Path(path)
+    if not file.exists():
+        raise OracleError(f"--prompt-ids: file {path} not found")
+    if file.is_dir():
+        raise OracleError(f"--prompt-ids: {path} is a directory; give the JSON file of token ids")
+    ids = read_json(file, "--prompt-ids takes a JSON list of token ids, e.g. [1, 2, 3]")
     if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
         raise OracleError(f"--prompt-ids: {path} must hold a JSON list of integer token ids, e.g. [1, 2, 3]")
     return ids

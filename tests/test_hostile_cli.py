@@ -56,7 +56,7 @@ def test_parameters_out_of_range(ids_file, flag, value, fragment):
     (None, "is a directory"),
     ("[[1, 2], [3]]", "must hold a JSON list of integer token ids"),
     ("[" * 100000 + "]" * 100000, "not valid JSON"),
-    (b"\xff\xfe[1, 2]", "not valid JSON"),
+    (b"\xff\xfe[1, 2]", "is not UTF-8 text"),
     ('{"ids": [1, 2]}', "must hold a JSON list"),
     ("[1, 2, 99999]", "must lie in [0, 259)"),
     ("[]", "the prompt is empty"),

@@ -26,6 +26,7 @@ from reference.errors import OracleError
 from reference.io.atomic import atomic_write
 from reference.io.checkpoint import eos_token_ids, load_weights
 from reference.io.fetch import resolve_model
+from reference.model.config import read_json
 from reference.oracle.conformance import (
     FAIL,
     TOLERANCES,
@@ -157,14 +158,10 @@ def prompt_for(case, model_dir, prompt=None) -> list[int]:
 
 
 def _read_json(path: Path, what: str):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise OracleError(f"{path}: missing; {what}") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise OracleError(f"{path}: not valid JSON ({e}); {what}") from None
-    except OSError as e:
-        raise OracleError(f"{path}: cannot read it ({e.strerror or e}); {what}") from None
+    """The project's one reader of untrusted JSON (reference.model.config.read_json), with "missing" said plainly."""
+    if not path.exists():
+        raise OracleError(f"{path}: missing; {what}")
+    return read_json(path, what)
 
 
 def plain_case_name(name) -> bool:
