@@ -55,7 +55,6 @@ METHOD = {m.name: m for m in (
     Method("asl-2pass", WINDOW_SCORING + ASL, "criterion", True),
 )}
 METHODS = tuple(METHOD)
-USES = {name: m.uses for name, m in METHOD.items()}  # kept for readers of the plain mapping
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,7 @@ def check_params(method: str, p: Params, n_layers: int) -> None:
         raise OracleError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if METHOD[method].needs_budget and p.kv_budget is None:
         raise OracleError("method snapkv needs --kv-budget B (the per-layer, per-KV-head cache size)")
-    used = set(USES[method]) | ({"window", "kernel", "pooling", "kv_budget"} if p.kv_budget is not None else set())
+    used = set(METHOD[method].uses) | (set(WINDOW_SCORING) | {"kv_budget"} if p.kv_budget is not None else set())
     for name in ("window", "kernel", "select_k", "l_min", "l_obs", "select_layer", "filter_layer", "kv_budget"):
         if name in used and not _is_int(getattr(p, name)):
             raise _fail(name, "an integer", getattr(p, name))
@@ -106,7 +105,7 @@ def check_params(method: str, p: Params, n_layers: int) -> None:
     if "pooling" in used and p.pooling not in POOLINGS:
         raise _fail("pooling", f"one of {', '.join(POOLINGS)}", p.pooling)
     if "select_k" in used:
-        if "window" in USES[method] and p.select_k <= p.window:
+        if "window" in METHOD[method].uses and p.select_k <= p.window:
             raise _fail("select_k", f"> window ({p.window})", p.select_k)
         if p.select_k < 1:
             raise _fail("select_k", "≥ 1", p.select_k)

@@ -39,6 +39,11 @@ def boundary_gap(score: np.ndarray, count: int) -> float | None:
     return float(score[order[count - 1]] - score[order[count]])
 
 
+def boundary_score(score: np.ndarray, count: int) -> float:
+    """The score of the last of the `count` best (ties: earlier first): where a top-count decision sits."""
+    return float(score[order_by_score(score)[max(count, 1) - 1]])
+
+
 def kept_with_window(prefix_kept: np.ndarray, n: int, window: int) -> np.ndarray:
     """Chosen prefix indices plus the window n-w .. n-1, ascending."""
     return np.concatenate([prefix_kept, np.arange(n - window, n)]).astype(np.int64)

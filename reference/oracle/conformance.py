@@ -41,12 +41,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from reference.asl.params import METHOD
+from reference.asl.selection import boundary_score
 from reference.oracle.consistency import (
     check_own_decisions,
     check_scored,
     layer_positions,
 )
-from reference.oracle.verdicts import FAIL, NEAR, NOTE, PASS, VERDICTS, Finding  # noqa: F401 (re-exported)
+from reference.oracle.verdicts import FAIL, NEAR, NOTE, PASS, VERDICTS, Finding, apart  # noqa: F401 (re-exported)
+
+ORACLE_VS_CANDIDATE = ("only the oracle's", "only the candidate's")
 
 
 @dataclass(frozen=True)
@@ -175,11 +178,6 @@ def _check_select_layer(exp: dict, got: dict, tol: Tolerance) -> Finding | None:
     return Finding(FAIL, "select_layer", f"expected {e}, got {g}{why}", parting, None, margin)
 
 
-def _boundary(scores: np.ndarray, count: int) -> float:
-    """The score of the last of the `count` best (ties: earlier first)."""
-    return float(scores[np.argsort(-scores, kind="stable")[max(count, 1) - 1]])
-
-
 def _positions_apart(field: str, expected: list, got: list, scores, rows: np.ndarray, n_prefix: int, count: int,
                      tol: Tolerance, layer: int, what: str) -> Finding:
     """Judge two kept/cached position sets that differ: NEAR only when every position held by one side alone
@@ -194,7 +192,7 @@ def _positions_apart(field: str, expected: list, got: list, scores, rows: np.nda
     if scores is None:
         return Finding(FAIL, field, f"{lists} (no expected scores to judge near-ties)", layer, (only_e + only_g)[0])
     scores = np.asarray(scores)
-    boundary = _boundary(scores, count)
+    boundary = boundary_score(scores, count)
     scale = float(np.max(np.abs(scores))) or 1.0
     far = [(abs(float(scores[row_of[q]]) - boundary) / scale, q) for q in only_e + only_g]
     worst, q = max(far)
@@ -214,7 +212,7 @@ def _check_kept(exp: dict, got: dict, tol: Tolerance) -> Finding | None:
     layer = exp["select_layer"]
     if e is None or g is None or len(e) != len(g):
         return Finding(FAIL, "kept_positions", f"expected {len(e or [])} kept positions, got {len(g or [])}: "
-                       f"{_lists(e or [], g or [])}", layer)
+                       f"{apart(e or [], g or [], *ORACLE_VS_CANDIDATE)}", layer)
     N, p = exp["num_prompt_tokens"], exp["params"]
     two_pass = bool(exp.get("first_pass"))
     scores = ((exp.get("first_pass_scores") if two_pass else exp.get("scores")) or {}).get(str(layer))
@@ -224,10 +222,6 @@ def _check_kept(exp: dict, got: dict, tol: Tolerance) -> Finding | None:
         n_prefix = N - p["window"]
         count = min(p["select_k"] - p["window"], n_prefix)
     return _positions_apart("kept_positions", e, g, scores, np.arange(N), n_prefix, count, tol, layer, "kept")
-
-
-def _lists(e: list, g: list) -> str:
-    return f"only the oracle's {sorted(set(e) - set(g))[:8]}, only the candidate's {sorted(set(g) - set(e))[:8]}"
 
 
 # ---------------------------------------------------------------- rule 3
@@ -265,7 +259,7 @@ def _check_layers(exp: dict, got: dict, tol: Tolerance) -> list[Finding]:
             field = f"kv_positions[{layer}][{g}]"
             if not decided:
                 findings.append(Finding(FAIL, field, f"no SnapKV decision at this layer, so no near-tie: "
-                                        f"{_lists(pa, pb)}", int(layer)))
+                                        f"{apart(pa, pb, *ORACLE_VS_CANDIDATE)}", int(layer)))
                 continue
             scores = (exp.get("kv_scores") or {}).get(layer)
             findings.append(_positions_apart(field, pa, pb, None if scores is None else scores[g], rows, n_prefix,

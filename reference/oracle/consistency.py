@@ -24,12 +24,15 @@ from reference.asl.criterion import replay
 from reference.asl.params import METHOD, Params
 from reference.asl.selection import (
     best,
+    boundary_score,
     kept_with_window,
     ranks,
     select_k_prime,
     top_from_ranks,
 )
-from reference.oracle.verdicts import FAIL, Finding
+from reference.oracle.verdicts import FAIL, Finding, apart
+
+CANDIDATE_VS_RULE = ("kept only by the candidate", "kept by the rule only")
 
 
 def layer_positions(rec: dict, layer: int) -> np.ndarray:
@@ -147,11 +150,6 @@ def check_criterion(got: dict, tolerance) -> list:
     return []
 
 
-def _diff(kept, derived) -> str:
-    only_c, only_d = sorted(set(kept) - set(derived)), sorted(set(derived) - set(kept))
-    return f"kept only by the candidate {only_c[:8]}, kept by the rule only {only_d[:8]}"
-
-
 def check_kept(got: dict) -> list:
     """The kept set is what SPEC's rule gives on the candidate's own ranks (one-shot, two-pass ASL) or
     scores (GemFilter)."""
@@ -178,7 +176,7 @@ def check_kept(got: dict) -> list:
     window_lost = [q for q in range(N - p["window"], N) if m.decides != "last-query" and q not in kept]
     why = f"; window position(s) {window_lost[:8]} are missing (the window is always kept)" if window_lost else ""
     return [_finding("kept_positions", f"{len(kept)} kept at layer {layer}, but {rule} gives {len(derived)}: "
-                     f"{_diff(kept, derived)}{why}", layer)]
+                     f"{apart(kept, derived, *CANDIDATE_VS_RULE)}{why}", layer)]
 
 
 def check_snapkv(got: dict) -> list:
@@ -205,7 +203,7 @@ def check_snapkv(got: dict) -> list:
             if len(have) != len(derived):
                 return [_finding(field, f"{len(have)} positions cached; SnapKV keeps B = {B} (B - w = {B - w} best "
                                  f"prefix tokens plus the w = {w} window)", int(layer))]
-            boundary = float(score[np.argsort(-score, kind="stable")[B - w - 1]])
+            boundary = boundary_score(score, B - w)
             row_of = {int(q): r for r, q in enumerate(pos[:n])}
             swapped = sorted(set(have) ^ set(derived))
             if all(float(score[row_of[q]]) == boundary for q in swapped if q in row_of):
@@ -214,7 +212,7 @@ def check_snapkv(got: dict) -> list:
                                  f", got {sorted(set(have) - set(derived))[:8]} (an unstable top-k?)", int(layer),
                                  swapped[0])]
             return [_finding(field, f"the cache is not the B - w best prefix positions by the candidate's own scores "
-                             f"plus the window: {_diff(have, derived)}", int(layer), swapped[0])]
+                             f"plus the window: {apart(have, derived, *CANDIDATE_VS_RULE)}", int(layer), swapped[0])]
     return []
 
 

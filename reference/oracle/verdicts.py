@@ -18,3 +18,8 @@ class Finding:
     position: int | None = None  # a prompt position
     margin: float | None = None
     step: int | None = None  # a generated token's step (generated_ids)
+
+
+def apart(a, b, only_a: str, only_b: str) -> str:
+    """Two position sets as their differences, e.g. "only the oracle's [165], only the candidate's [233]"."""
+    return f"{only_a} {sorted(set(a) - set(b))[:8]}, {only_b} {sorted(set(b) - set(a))[:8]}"
