@@ -24,10 +24,10 @@ import time
 
 def prompt_ids(model_dir, n_tokens: int) -> list[int]:
     """Exactly n_tokens ids of the passkey haystack (real text, not random ids)."""
-    from reference.eval.prompts import passkey_prompt
+    from reference.eval.tasks import demo_passkey
     from reference.io.tokenizer import load_tokenizer
 
-    ids = passkey_prompt(load_tokenizer(model_dir), n_tokens + 200, seed=0, chat=False).ids
+    ids = demo_passkey(load_tokenizer(model_dir), n_tokens + 200, chat=False).ids
     return ids[:n_tokens]
 
 
@@ -136,13 +136,12 @@ def asl_vs_full(tokens: list[int], repeats: int) -> int:
 
     from reference.asl.methods import run_prefill
     from reference.asl.params import SMOLLM2_PARAMS
-    from reference.eval.prompts import passkey_prompt
+    from reference.eval.tasks import passkey_ids
     from reference.io.fetch import resolve_model
-    from reference.io.tokenizer import load_tokenizer
 
     model_dir = resolve_model("smollm2")
     params = SMOLLM2_PARAMS
-    engine, tok = port_engine(model_dir), load_tokenizer(model_dir)
+    engine = port_engine(model_dir)
     print(f"port on NumPy, {engine.threads} threads; {params}; median of {repeats} pairs")
     layer_seconds = []  # every engine.layer call of the current run: the rest of a run is ASL's own work
     layer = engine.layer
@@ -157,7 +156,7 @@ def asl_vs_full(tokens: list[int], repeats: int) -> int:
     print(f"{'tokens':>7} {'full s':>8} {'asl s':>8} {'layer':>6} {'time saved':>11} {'(pairs)':>15} {'FLOPs saved':>12} "
           f"{'ratio':>6} {'asl between layers s':>21} {'layers from the selection on s (full / asl)':>44}")
     for n in tokens:
-        ids = passkey_prompt(tok, n, seed=0).ids
+        ids = passkey_ids(model_dir, n)
         run_prefill(engine, ids[:64], "full")  # warm-up
         seconds, result, between, tail = {"full": [], "asl": []}, {}, [], {"full": [], "asl": []}
         for _ in range(repeats):

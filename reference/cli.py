@@ -26,10 +26,9 @@ from pathlib import Path
 from reference.asl.generate import generate
 from reference.asl.params import METHODS, POOLINGS, SMOLLM2_PARAMS, Params, check_params
 from reference.errors import OracleError
-from reference.eval.prompts import passkey_ids, passkey_prompt
 from reference.eval.report import write_report
 from reference.eval.runner import run_eval
-from reference.eval.tasks import TASKS
+from reference.eval.tasks import DEMO_DEPTH, TASKS, demo_passkey, passkey_ids
 from reference.io.checkpoint import eos_token_ids, load_reference
 from reference.io.fetch import fetch, resolve_model
 from reference.io.gguf import import_gguf
@@ -256,8 +255,9 @@ def cmd_demo(args) -> int:
                           f"the model's context ({context} positions, {args.max_new_tokens} of them for the answer)")
     if tok is None:
         raise OracleError(f"{args.model}: no tokenizer.json; the demo writes its prompt as text")
-    prompt = passkey_prompt(tok, args.tokens, seed=args.seed)
-    print(f"model: {args.model}   prompt: {len(prompt.ids)} tokens, pass key {prompt.answer} hidden at half depth")
+    prompt = demo_passkey(tok, args.tokens, args.seed)
+    key = prompt.answers[0]
+    print(f"model: {args.model}   prompt: {len(prompt.ids)} tokens, pass key {key} hidden at depth {DEMO_DEPTH}")
     print(f"question: ...{prompt.text[-60:]!r}")
     print(f"ASL: tau={params.tau}, l_min={params.l_min}, l_obs={params.l_obs}, window={params.window}, "
           f"kernel={params.kernel}, select_k={params.select_k}\n")
@@ -268,7 +268,7 @@ def cmd_demo(args) -> int:
         result = generate(weights, prompt.ids, args.max_new_tokens, eos, method=method, params=params)
         trace, _ = make_trace(result, model_name=args.model, model_sha256="", config=weights.config, dtype="float32")
         answer = tok.decode(result.generated_ids).strip()
-        correct = prompt.answer in answer
+        correct = key in answer
         all_correct &= correct
         layer = "-" if trace["select_layer"] is None else str(trace["select_layer"])
         kept = len(prompt.ids) if trace["kept_positions"] is None else len(trace["kept_positions"])

@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from reference.asl.generate import generate
-from reference.eval.prompts import passkey_prompt  # noqa: E402
+from reference.eval.tasks import passkey_ids  # noqa: E402
 from reference.io.checkpoint import (
     eos_token_ids,  # noqa: E402
     load_weights,  # noqa: E402
@@ -92,7 +92,7 @@ def test_tiny_checkpoints_match_transformers(tiny_dir, dtype, n_tokens):
 
 @pytest.fixture(scope="module")
 def smollm2_passkey_ids(smollm2_dir):
-    return passkey_prompt(load_tokenizer(smollm2_dir), 1000, seed=0).ids
+    return passkey_ids(smollm2_dir, 1000)
 
 
 @pytest.mark.smollm2

@@ -10,11 +10,8 @@ import pytest
 from reference.asl.generate import generate
 from reference.asl.params import SMOLLM2_PARAMS
 from reference.cli import main
-from reference.eval.prompts import (
-    kv_needles_prompt,
-    needle_token_positions,
-    passkey_prompt,
-)
+from reference.eval import tasks
+from reference.eval.tasks import DEMO_DEPTH, needle_token_positions
 from reference.io.checkpoint import eos_token_ids, load_weights
 from reference.io.tokenizer import load_tokenizer
 from reference.oracle.trace import make_trace
@@ -45,13 +42,13 @@ def report(trace) -> str:
 
 @pytest.fixture(scope="module")
 def passkey(smollm2):
-    return passkey_prompt(smollm2[1], 1000, seed=0)
+    return tasks.demo_passkey(smollm2[1], 1000)
 
 
 @pytest.mark.parametrize("method", ["asl", "fastkv"])
 def test_passkey_is_answered_and_the_needle_is_kept(smollm2, passkey, method):
     answer, trace = run(smollm2, passkey, method)
-    assert passkey.answer in answer, f"{method}: {answer!r} ({report(trace)})"
+    assert passkey.answers[0] in answer, f"{method}: {answer!r} ({report(trace)})"
     assert 900 <= len(passkey.ids) <= 1100
     if method == "fastkv":
         assert trace["select_layer"] == PARAMS.select_layer
@@ -66,11 +63,11 @@ def test_passkey_is_answered_and_the_needle_is_kept(smollm2, passkey, method):
 
 
 def test_eight_similar_needles_are_reported_the_same_way_and_select_later(smollm2, passkey):
-    needles = kv_needles_prompt(smollm2[1], 1000, n_needles=8, seed=0)
+    needles = tasks.niah_multikey(smollm2[1], 1000, 0, depth=DEMO_DEPTH, n_keys=8)
     assert abs(len(needles.ids) - len(passkey.ids)) < 60
     _, easy = run(smollm2, passkey, "asl")
     answer, hard = run(smollm2, needles, "asl")
-    print(f"passkey: {report(easy)}; eight needles: {report(hard)}; answer {answer!r} (expected {needles.answer})")
+    print(f"passkey: {report(easy)}; eight needles: {report(hard)}; answer {answer!r} (expected {needles.answers[0]})")
     assert all(e["ratio"] is not None for e in hard["layers"][PARAMS.l_min : (hard["select_layer"] or 29) + 1])
     if hard["select_layer"] is None:
         assert any("never fired" in n for n in hard["notes"]) and hard["totals"]["kv_fraction"] == 1.0
@@ -87,6 +84,6 @@ def test_cli_summary_shows_the_kv_saving_of_each(smollm2_dir, smollm2, passkey, 
         assert main(["run", "--model", "smollm2", "--prompt-ids", str(ids), "--method", method, *flags,
                      "--max-new-tokens", "10"]) == 0
         out = capsys.readouterr().out
-        assert passkey.answer in out
+        assert passkey.answers[0] in out
         summary = next(line for line in out.splitlines() if line.startswith(f"[{method}:"))
         assert "kept 256 of" in summary and "% of full" in summary

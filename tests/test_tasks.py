@@ -16,7 +16,15 @@ from collections import Counter
 import pytest
 
 from reference.errors import OracleError
-from reference.eval.tasks import SCORING, TASKS, make_sample, niah_grid, score
+from reference.eval.tasks import (
+    SCORING,
+    TASKS,
+    make_sample,
+    needle_token_positions,
+    niah_grid,
+    niah_multikey,
+    score,
+)
 from reference.io.tokenizer import encode_chat, load_tokenizer
 
 ALL = ["niah_single", "niah_multikey", "niah_multikey_uuid", "niah_multivalue", "niah_multiquery",
@@ -183,6 +191,34 @@ def test_niah_grid(tiny_dir):
         assert depth_ok("niah_single", s, s.depth)
 
 
+@pytest.mark.parametrize("n_keys", [1, 2, 8, 16])
+def test_niah_multikey_dial(tiny_dir, n_keys):
+    """n_keys similar needles, one asked for: as many needles in the text as asked, the asked key in the question."""
+    n = 400 + 100 * n_keys  # the tiny tokenizer spells bytes: each needle is ~80 tokens
+    s = niah_multikey(tokenizer(str(tiny_dir)), n, 3, depth=0.5, n_keys=n_keys)
+    needles = re.findall(r"One of the special magic numbers for (\S+) is: (\d+)\.", s.text)
+    assert len(needles) == n_keys and len({k for k, _ in needles}) == n_keys
+    assert dict(needles)[re.search(r"magic number for (\S+) mentioned", s.text).group(1)] == s.answers[0]
+    assert abs(len(s.ids) - n) <= tol(n)
+
+
+@pytest.mark.parametrize("task", ["passkey", "niah_single", "niah_multikey", "number_string"])
+def test_needle_token_positions_decode_to_the_answer(tiny_dir, task):
+    """Every position found holds a piece of the answer: each maximal run decodes to the answer (the bytes tokenizer
+    splits digits alone), and the answer occurs in the text as often as runs are found."""
+    tok = tokenizer(str(tiny_dir))
+    s = sample(str(tiny_dir), task, 800, 2, depth=0.5)
+    positions = needle_token_positions(tok, s)
+    assert positions == sorted(set(positions)) and all(0 <= p < len(s.ids) for p in positions)
+    runs, start = [], 0
+    for i in range(1, len(positions) + 1):
+        if i == len(positions) or positions[i] != positions[i - 1] + 1:
+            runs.append(positions[start:i])
+            start = i
+    assert runs and all(tok.decode([s.ids[p] for p in run]).strip() == s.answers[0] for run in runs)
+    assert len(runs) == s.text.count(s.answers[0])
+
+
 # --- bad input ---------------------------------------------------------------------------------
 
 
@@ -216,6 +252,9 @@ def test_bad_depth_and_length(tiny_dir):
         make_sample("niah_multivalue", tok, 600, 0, depth=0.5)
     with pytest.raises(OracleError, match="n_tokens"):
         make_sample("passkey", tok, 0, 0)
+    for n_keys in (0, -1, 10_000, 2.5, True):
+        with pytest.raises(OracleError, match="n_keys"):
+            niah_multikey(tok, 900, 0, n_keys=n_keys)
 
 
 # --- scoring: the published rules on hand-made predictions -------------------------------------

@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from reference.asl.params import SMOLLM2_PARAMS
-from reference.eval.prompts import passkey_ids
+from reference.eval.tasks import passkey_ids
 from reference.io.fetch import resolve_model
 from reference.oracle.bundle import (
     check_trace,

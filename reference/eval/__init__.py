@@ -1,1 +1,1 @@
-"""The evaluation suite: offline long-context tasks and prompts, the resumable runner, the report."""
+"""The evaluation suite: offline long-context tasks (every prompt the project builds), the resumable runner, the report."""

@@ -30,8 +30,7 @@ from typing import Callable
 import numpy as np
 
 from reference.errors import OracleError
-from reference.eval.prompts import FILLER
-from reference.io.tokenizer import Tokenizer, encode_chat
+from reference.io.tokenizer import Tokenizer, encode_chat, load_tokenizer
 
 # --- length tolerance -------------------------------------------------------------------------
 
@@ -119,6 +118,8 @@ def score(task: str, prediction: str, answers: list[str]) -> float:
 
 # --- building blocks ----------------------------------------------------------------------------
 
+# InfiniteBench's haystack: five sentences repeated (the filler of every task built from sentences).
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 SENTENCES = [s + ". " for s in FILLER.strip().rstrip(".").split(". ")]  # the filler, one sentence a unit
 assert "".join(SENTENCES) == FILLER
 
@@ -331,9 +332,13 @@ def niah_single(tok, n_tokens, seed, chat=True, depth=None) -> Sample:
     return _niah("niah_single", tok, n_tokens, seed, chat, depth, n_keys=1, n_values=1, n_asked=1, uuids=False)
 
 
-def niah_multikey(tok, n_tokens, seed, chat=True, depth=None) -> Sample:
-    """The asked needle at `depth` plus 3 distractor needles with other word keys."""
-    return _niah("niah_multikey", tok, n_tokens, seed, chat, depth, n_keys=4, n_values=1, n_asked=1,
+def niah_multikey(tok, n_tokens, seed, chat=True, depth=None, *, n_keys: int = 4) -> Sample:
+    """The asked needle at `depth` plus n_keys - 1 distractor needles with other word keys (RULER: 4 keys).
+
+    n_keys is the difficulty dial of notebook 03 (2 to len(KEY_WORDS) similar needles, one asked for)."""
+    if not isinstance(n_keys, (int, np.integer)) or isinstance(n_keys, bool) or not 1 <= n_keys <= len(KEY_WORDS):
+        raise OracleError(f"niah_multikey: n_keys must be an integer in [1, {len(KEY_WORDS)}], got {n_keys!r}")
+    return _niah("niah_multikey", tok, n_tokens, seed, chat, depth, n_keys=int(n_keys), n_values=1, n_asked=1,
                  uuids=False)
 
 
@@ -465,13 +470,20 @@ def _hidden_fact(task, tok, n_tokens, seed, chat, depth, *, n_digits, needle_fmt
     return _sample(task, seed, n_tokens, ids, text, [answer], depth)
 
 
-def passkey(tok, n_tokens, seed, chat=True, depth=None) -> Sample:
-    """InfiniteBench passkey: a 5-digit pass key in the repeated filler."""
+PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+                 "I will quiz you about the important information there.\n\n")  # InfiniteBench's wording
+# The demo's wording names the pass key up front. The wording moves ASL's criterion: docs/evaluation.md shows
+# SmolLM2 selecting at layer 19 of a 1K-token prompt with this one and never with InfiniteBench's.
+DEMO_PASSKEY_INTRO = "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
+
+
+def passkey(tok, n_tokens, seed, chat=True, depth=None, *, intro: str = PASSKEY_INTRO) -> Sample:
+    """InfiniteBench passkey: a 5-digit pass key in the repeated filler (`intro`: the text before the haystack)."""
+    if not isinstance(intro, str):
+        raise OracleError(f"passkey: intro must be a string, got {type(intro).__name__}")
     return _hidden_fact(
         "passkey", tok, n_tokens, seed, chat, depth, n_digits=5,
-        needle_fmt="The pass key is {0}. Remember it. {0} is the pass key.",
-        intro=("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-               "I will quiz you about the important information there.\n\n"),
+        needle_fmt="The pass key is {0}. Remember it. {0} is the pass key.", intro=intro,
         question="What is the pass key?")
 
 
@@ -524,6 +536,34 @@ def make_sample(task: str, tok: Tokenizer, n_tokens: int, seed: int, chat: bool 
                 depth: float | None = None) -> Sample:
     """TASKS[task](...) with the unknown-task error."""
     return TASKS[task](tok, n_tokens, seed, chat=chat, depth=depth)
+
+
+def needle_token_positions(tok: Tokenizer, sample: Sample) -> list[int]:
+    """Positions in sample.ids of every occurrence of each answer's tokens (as the tokenizer splits it alone).
+
+    Where the context splits the answer differently (a leading space merged into its first token, say),
+    that occurrence is not found: the list may be empty, never wrong."""
+    ids, found = sample.ids, set()
+    for answer in sample.answers:
+        target = tok.encode(answer, add_special_tokens=False)
+        for start in range(len(ids) - len(target) + 1):
+            if ids[start : start + len(target)] == target:
+                found.update(range(start, start + len(target)))
+    return sorted(found)
+
+
+DEMO_DEPTH = 0.5  # the demo's and the real-model bundles' pass key sits in the middle of the haystack
+
+
+def demo_passkey(tok: Tokenizer, n_tokens: int, seed: int = 0, chat: bool = True, depth: float = DEMO_DEPTH) -> Sample:
+    """The passkey task in the demo's wording, at half depth unless told: the prompt of `asl demo`, of real-model
+    bundles (`asl golden`), of the notebooks and of the SmolLM2 tests."""
+    return passkey(tok, n_tokens, seed, chat=chat, depth=depth, intro=DEMO_PASSKEY_INTRO)
+
+
+def passkey_ids(model_dir, n_tokens: int, seed: int = 0) -> list[int]:
+    """The token ids of `demo_passkey` for a checkpoint directory, chat template applied."""
+    return demo_passkey(load_tokenizer(model_dir), n_tokens, seed).ids
 
 
 def niah_grid(tok: Tokenizer, lengths, depths, seed: int = 0, chat: bool = True) -> list[Sample]:

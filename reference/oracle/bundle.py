@@ -148,12 +148,12 @@ def case_params(case, cfg) -> Params:
 
 def prompt_for(case, model_dir, prompt=None) -> list[int]:
     """Tiny models: seeded random ids; real models: prompt(model_dir, n_tokens, seed), e.g.
-    `reference.eval.prompts.passkey_ids` (the CLI's choice: the passkey haystack in the chat template)."""
+    `reference.eval.tasks.passkey_ids` (the CLI's choice: the passkey haystack in the chat template)."""
     if case.model.startswith("tiny-"):
         return case.prompt_ids()
     if prompt is None:
         raise OracleError(f"case {case.name!r} runs a real model: write_bundle needs prompt=(model_dir, n_tokens, seed) "
-                          "-> ids, e.g. reference.eval.prompts.passkey_ids")
+                          "-> ids, e.g. reference.eval.tasks.passkey_ids")
     return prompt(model_dir, case.n_tokens, case.seed)
 
 
