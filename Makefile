@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ASL    := $(VENV)/bin/asl
 
-.PHONY: demo test venv venv-test smollm2 tiny-checkpoints goldens bench clean help
+.PHONY: demo test venv venv-test smollm2 tiny-checkpoints goldens bench clean help check-kvpress
 
 help:
 	@echo "make demo   - set up .venv, fetch SmolLM2 (once), answer a pass key hidden in ~1K tokens"
@@ -12,6 +12,7 @@ help:
 	@echo "make bench  - prefill speed and memory: reference and NumPy port vs transformers on SmolLM2"
 	@echo "make tiny-checkpoints - regenerate the committed tiny checkpoints (deterministic)"
 	@echo "make goldens - regenerate tests/goldens/ and print the diff of every change"
+	@echo "make check-kvpress - judge kvpress's SnapKVPress with the oracle, in its own .venv-kvpress (docs/integrations.md)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +49,18 @@ tiny-checkpoints: $(VENV)/.base
 
 goldens: $(VENV)/.base
 	$(PY) -m reference.oracle.goldens --out tests/goldens
+
+# kvpress pins transformers<5.3 and brings pandas, datasets, peft: its own venv, remade only when its requirements change.
+KVPRESS_VENV ?= .venv-kvpress
+$(KVPRESS_VENV)/.stamp: examples/kvpress/requirements.txt pyproject.toml
+	rm -rf $(KVPRESS_VENV)
+	$(PYTHON) -m venv $(KVPRESS_VENV)
+	$(KVPRESS_VENV)/bin/python -m pip install --quiet -r examples/kvpress/requirements.txt -e .
+	@touch $@
+
+check-kvpress: $(KVPRESS_VENV)/.stamp
+	$(KVPRESS_VENV)/bin/asl fetch smollm2
+	$(KVPRESS_VENV)/bin/python examples/kvpress/kvpress_check.py --work out/kvpress
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

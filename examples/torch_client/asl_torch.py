@@ -10,7 +10,10 @@ ASL's criterion, caches and greedy decoding are written here.
 
     trace, arrays = run_case(model_dir, inputs)      # inputs: a bundle's CASE.inputs.json
 
-The result follows docs/trace.md and validates with reference.oracle.trace.validate_trace.
+The trace itself is written by the implementer's kit (reference.oracle.candidate):
+the client hands it only its decisions (cached positions per KV head, scores,
+ranks, ASL's criterion values, the selection, logits, generated ids and step
+logits), and the kit fills the counts, FLOPs, totals, gaps and notes.
 """
 
 from __future__ import annotations
@@ -21,19 +24,20 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from reference.oracle.candidate import (
+    CaseInputs,
+    LayerDecision,
+    build_candidate,
+    case_from_inputs,
+    model_shape,
+)
+
 SUPPORTED = ("full", "snapkv", "fastkv", "asl")
 DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32"}
-BYTES = {torch.float64: 8, torch.float32: 4}
-
-# Note texts: identical to the reference's, so traces compare field for field.
-NOTE_N_LE_W = "N ≤ w ({N} ≤ {w}): no token can be scored; ran as full"
-NOTE_N_LE_K = "N ≤ k ({N} ≤ {k}): the kept set is the whole prompt"
-NOTE_NEVER_FIRED = "the criterion never fired: nothing was selected; ran as full"
 
 
 # ---------------------------------------------------------------- the model
@@ -196,14 +200,6 @@ def ranks_of(score: torch.Tensor) -> torch.Tensor:
     return r
 
 
-def gap_at(score: torch.Tensor, count: int) -> float | None:
-    """Score of the last token kept minus that of the first left out (None when all are kept)."""
-    if count <= 0 or count >= len(score):
-        return None
-    o = order(score)
-    return float(score[o[count - 1]] - score[o[count]])
-
-
 def best(score: torch.Tensor, count: int) -> torch.Tensor:
     return torch.sort(order(score)[:count]).values
 
@@ -226,37 +222,23 @@ def rank_variance(window_ranks: list[torch.Tensor], k_prime: int) -> tuple[int, 
 
 @dataclass
 class Layer:
-    layer: int
-    prefill_tokens: int
-    flops: int
-    kv_positions: list = field(default_factory=list)
+    """What one layer decided: the kit (reference.oracle.candidate.LayerDecision) takes these fields."""
+
+    kv_positions: list = field(default_factory=list)  # per KV head: cached (original) positions
     scores: torch.Tensor | None = None
     ranks: torch.Tensor | None = None
-    boundary_gap: float | None = None
     union_size: int | None = None
     v: float | None = None
     ratio: float | None = None
-    margin: float | None = None
-    kv_boundary_gaps: list | None = None
     kv_scores: torch.Tensor | None = None  # SnapKV's score_g (H_kv, n-w), where it decided
-
-
-def layer_flops(r: Runner, n: int) -> int:
-    D, Fm = r.cfg.hidden_size, r.cfg.intermediate_size
-    return (2 * n * D * (2 * r.H * r.d + 2 * r.H_kv * r.d) + 2 * 2 * r.H * r.d * (n * (n + 1) // 2)
-            + 2 * n * 3 * D * Fm)
 
 
 def prefill(r: Runner, ids: list[int], method: str, p: dict):
     N, w, k = len(ids), p["window"], p["select_k"]
     B = p.get("kv_budget")
-    notes: list[str] = []
     run = method
     if method != "full" and N <= w:
-        notes.append(NOTE_N_LE_W.format(N=N, w=w))
-        run = "full"
-    if run in ("fastkv", "asl") and N <= k:
-        notes.append(NOTE_N_LE_K.format(N=N, k=k))
+        run = "full"  # no token can be scored
     k_prime = min(k - w, N - w)
     first_scored = {"fastkv": p["select_layer"], "asl": p["l_min"] - p["l_obs"] + 1}.get(run, r.L)
     positions = torch.arange(N)
@@ -267,13 +249,13 @@ def prefill(r: Runner, ids: list[int], method: str, p: dict):
     for layer in range(r.L):
         n = len(positions)
         x_next, q, kk, vv = r.prefill_layer(layer, x, positions)
-        rec = Layer(layer, n, layer_flops(r, n))
+        rec = Layer()
         p_heads = None
         if select_layer is None and layer >= first_scored:
             p_heads = head_scores(q, kk, w, r.G, p["kernel"], p["pooling"])
             score = p_heads.sum(dim=0)  # (n-w,): every query head
             rank = ranks_of(score)
-            rec.scores, rec.ranks, rec.boundary_gap = score, rank, gap_at(score, k_prime)
+            rec.scores, rec.ranks = score, rank
             decide = run == "fastkv" and layer == p["select_layer"]
             if run == "asl":
                 history.append(rank)
@@ -284,7 +266,6 @@ def prefill(r: Runner, ids: list[int], method: str, p: dict):
                     ratio = (Fraction(0) if v == 0 else math.inf) if v0 == 0 else v / v0
                     rec.union_size, rec.v = size, float(v)
                     rec.ratio = math.inf if ratio == math.inf else float(ratio)
-                    rec.margin = rec.ratio - p["tau"]
                     decide = ratio != math.inf and ratio < Fraction(p["tau"])
             if decide:
                 select_layer = layer
@@ -297,7 +278,6 @@ def prefill(r: Runner, ids: list[int], method: str, p: dict):
                 p_heads = head_scores(q, kk, w, r.G, p["kernel"], p["pooling"])
             score_g = p_heads.view(r.H_kv, r.G, -1).sum(dim=1)  # (H_kv, n-w)
             rows = [torch.cat((best(s, B - w), torch.arange(n - w, n))) for s in score_g]
-            rec.kv_boundary_gaps = [gap_at(s, B - w) for s in score_g]
             rec.kv_scores = score_g
         cache = LayerCache([positions[i] for i in rows], [kk[g, i] for g, i in enumerate(rows)],
                            [vv[g, i] for g, i in enumerate(rows)])
@@ -307,115 +287,67 @@ def prefill(r: Runner, ids: list[int], method: str, p: dict):
         x = x_next
         if select_layer == layer:  # one shot: kept tokens go on at their original positions
             x, positions = x[kept], positions[kept]
-    if run == "asl" and select_layer is None:
-        notes.append(NOTE_NEVER_FIRED)
     logits = r.logits(x[-1])
-    return logits, caches, records, select_layer, kept, notes
+    return logits, caches, records, select_layer, kept
 
 
-def greedy(logits: torch.Tensor) -> tuple[int, float]:
-    """Arg-max (lowest id on exact ties) and the best-minus-second-best gap."""
-    best_value = logits.max()
-    token = int(torch.nonzero(logits == best_value)[0, 0])
-    top2 = torch.topk(logits, 2).values
-    return token, float(top2[0] - top2[1])
+def greedy(logits: torch.Tensor) -> int:
+    """Arg-max, lowest id on exact ties."""
+    return int(torch.nonzero(logits == logits.max())[0, 0])
 
 
-# ---------------------------------------------------------------- the trace
+# ---------------------------------------------------------------- the trace, by the kit
 
 
-def _num(x):
-    return None if x is None else ("inf" if x == math.inf else float(x))
-
-
-def run_case(model_dir, inputs: dict, dtype: torch.dtype = torch.float64):
-    """Run one bundle case (CASE.inputs.json) -> (trace dict, arrays) as docs/trace.md defines them."""
-    method, p = inputs["method"], dict(inputs["params"])
+def run_case(model_dir, inputs: dict | CaseInputs, dtype: torch.dtype = torch.float64):
+    """Run one bundle case (CASE.inputs.json as a dict, or reference.oracle.candidate.read_case's result)
+    -> (trace dict, arrays) as docs/trace.md defines them, built by the kit from this run's decisions."""
+    case = inputs if isinstance(inputs, CaseInputs) else case_from_inputs(inputs)
+    method, p = case.method, dict(case.params)
     if method not in SUPPORTED:
         raise NotImplementedError(f"method {method!r} (this client runs {', '.join(SUPPORTED)})")
     model = load_model(str(Path(model_dir)), dtype)
     r = Runner(model)
-    ids = [int(t) for t in inputs["prompt_ids"]]
+    ids = list(case.prompt_ids)
     N = len(ids)
-    eos = {int(t) for t in inputs.get("eos_token_ids", ())}
+    eos = set(case.eos_token_ids)
     with torch.no_grad():
-        logits, caches, records, select_layer, kept, notes = prefill(r, ids, method, p)
-        generated, gaps = [], []
+        logits, caches, records, select_layer, kept = prefill(r, ids, method, p)
+        generated, steps = [], []
         step_logits, position = logits, N
-        for _ in range(int(inputs["max_new_tokens"])):
-            token, gap = greedy(step_logits)
+        for _ in range(case.max_new_tokens):
+            token = greedy(step_logits)
             generated.append(token)
-            gaps.append(gap)
-            if token in eos or len(generated) == inputs["max_new_tokens"]:
+            steps.append(step_logits.numpy())
+            if token in eos or len(generated) == case.max_new_tokens:
                 break
             x = r.embed([token])
             for layer in range(r.L):
                 x = r.decode_layer(layer, x, position, caches[layer])
             step_logits, position = r.logits(x[-1]), position + 1
 
-    cfg, bpe = r.cfg, BYTES[dtype]
-    layers = [{"layer": rec.layer, "prefill_tokens": rec.prefill_tokens,
-               "kv_tokens": [len(pp) for pp in rec.kv_positions], "flops": rec.flops,
-               "scored": rec.scores is not None, "union_size": rec.union_size, "v": _num(rec.v),
-               "ratio": _num(rec.ratio), "margin": _num(rec.margin), "boundary_gap": _num(rec.boundary_gap),
-               "kv_boundary_gaps": None if rec.kv_boundary_gaps is None else [_num(g) for g in rec.kv_boundary_gaps]}
-              for rec in records]
-    kv_bytes = sum(2 * t * r.d * bpe for e in layers for t in e["kv_tokens"])
-    kv_bytes_full = 2 * r.L * r.H_kv * N * r.d * bpe
-    trace = {
-        "schema_version": 1,
-        "method": method,
-        "params": p,
-        "model": {"name": inputs["model"]["name"], "sha256": inputs["model"]["sha256"],
-                  "model_type": cfg.model_type, "num_hidden_layers": r.L, "num_attention_heads": r.H,
-                  "num_key_value_heads": r.H_kv, "head_dim": r.d, "hidden_size": cfg.hidden_size,
-                  "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size},
-        "dtype": DTYPE_NAMES[dtype],
-        "prompt_ids": ids,
-        "num_prompt_tokens": N,
-        "select_layer": select_layer,
-        "kept_positions": None if kept is None else [int(i) for i in kept],
-        "next_position": N,
-        "generated_ids": generated,
-        "generated_gaps": gaps,
-        "notes": notes,
-        "layers": layers,
-        "first_pass": None,
-        "totals": {"bytes_per_element": bpe, "kv_bytes": kv_bytes, "kv_bytes_full": kv_bytes_full,
-                   "kv_fraction": kv_bytes / kv_bytes_full,
-                   "prefill_flops": sum(e["flops"] for e in layers),
-                   "prefill_flops_full": r.L * layer_flops(r, N)},
-        "arrays_file": None,
-    }
-    arrays = {"logits": logits.numpy()}
-    for rec in records:
-        if rec.scores is not None:
-            arrays[f"ranks/{rec.layer}"] = rec.ranks.numpy().astype(np.int64)
-            arrays[f"scores/{rec.layer}"] = rec.scores.numpy()
-        for g, pos in enumerate(rec.kv_positions):
-            arrays[f"kv_positions/{rec.layer}/{g}"] = pos.numpy().astype(np.int64)
-        for g, score in enumerate(rec.kv_scores if rec.kv_scores is not None else []):
-            arrays[f"kv_scores/{rec.layer}/{g}"] = score.numpy()
-    return trace, arrays
+    layers = [LayerDecision(kv_positions=[pp.numpy() for pp in rec.kv_positions],
+                            kv_scores=None if rec.kv_scores is None else list(rec.kv_scores.numpy()),
+                            scores=None if rec.scores is None else rec.scores.numpy(),
+                            ranks=None if rec.ranks is None else rec.ranks.numpy(),
+                            union_size=rec.union_size, v=rec.v, ratio=rec.ratio) for rec in records]
+    return build_candidate(case, model_shape(r.cfg), layers=layers, logits=logits.numpy(), generated_ids=generated,
+                           step_logits=steps, select_layer=select_layer,
+                           kept_positions=None if kept is None else kept.numpy(), dtype=DTYPE_NAMES[dtype])
 
 
 if __name__ == "__main__":  # python examples/torch_client/asl_torch.py BUNDLE OUT_DIR [float32|float64]
     import sys
 
-    from reference.io.fetch import resolve_model
-    from reference.oracle.bundle import read_inputs, read_manifest
-    from reference.oracle.trace import save_trace
+    from reference.oracle.candidate import read_cases, write_candidate
 
     bundle, out = Path(sys.argv[1]), Path(sys.argv[2])
     dt = {"float32": torch.float32, "float64": torch.float64}[sys.argv[3] if len(sys.argv) > 3 else "float64"]
-    manifest = read_manifest(bundle)
-    out.mkdir(parents=True, exist_ok=True)
-    for case in manifest["cases"]:
-        inputs = read_inputs(bundle, case)
+    for case in read_cases(bundle):
         try:
-            t, a = run_case(resolve_model(manifest["model"]["name"]), inputs, dt)
+            t, a = run_case(case.model_dir(), case, dt)
         except NotImplementedError as e:
-            print(f"{case}: skipped ({e})")
+            print(f"{case.name}: skipped ({e})")
             continue
-        save_trace(t, a, out / f"{case}.trace.json", with_arrays=True)
-        print(f"{case}: written")
+        write_candidate(out, case, t, a)
+        print(f"{case.name}: written")

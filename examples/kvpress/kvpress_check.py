@@ -1,0 +1,224 @@
+"""Judge NVIDIA kvpress's SnapKVPress with the oracle: bundles, candidates by the kit, verdicts, planted bugs.
+
+    python examples/kvpress/kvpress_check.py --work out/kvpress          # what `make check-kvpress` runs
+
+1. writes the oracle's bundles (`write_bundle`, float64) of the cases in `cases.json`: SnapKV under the
+   kvpress-compatible profile (avg pooling, B > w, N > w) on tiny-llama, tiny-qwen2 and SmolLM2;
+2. runs each case through kvpress: `SnapKVPress(compression_ratio=1 - (B + 0.5) / N, window_size=w,
+   kernel_size=s)` on transformers (float32; the `float64` class in float64), greedy decoding as kvpress's
+   pipeline does it; `reference.oracle.hf_recorder` reads back which positions each layer and KV head kept,
+   and the scores the press chose them by;
+3. writes each candidate with the implementer's kit (`reference.oracle.candidate`) and judges it as
+   `asl check CAND --golden BUNDLE --methods snapkv` does (`reference.oracle.bundle.check`);
+4. runs the same adapter with each planted bug (the window not force-kept; average pooling without zero
+   padding), which must FAIL on the field named in `expected.json`;
+5. prints the verdict table and exits 0 only when every verdict is the documented one (`expected.json`,
+   docs/integrations.md) and every planted bug was caught. A run that could not happen is NOT RUN, never a pass.
+
+Needs its own environment (requirements.txt: kvpress pins transformers<5.3); `make check-kvpress` makes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from kvpress import SnapKVPress
+from kvpress.presses import snapkv_press
+from transformers import AutoModelForCausalLM, DynamicCache
+from transformers.utils import logging as hf_logging
+
+from reference.errors import OracleError
+from reference.eval.tasks import passkey_ids
+from reference.oracle.bundle import Case, check, write_bundle
+from reference.oracle.candidate import (
+    LayerDecision,
+    build_candidate,
+    model_shape,
+    read_cases,
+    write_candidate,
+)
+from reference.oracle.hf_recorder import CacheRecorder, ScoreRecorder
+
+HERE = Path(__file__).resolve().parent
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+PLANTS = {
+    "window-not-force-kept": "the window's keys get score 0 instead of max + 1 (F.pad value), so nothing keeps them",
+    "pooling-without-zero-padding": "avg_pool1d with count_include_pad=False: edge windows divide by the in-range count",
+}
+
+
+# ---------------------------------------------------------------- kvpress on one case
+
+
+def compression_ratio(N: int, B: int) -> float:
+    """kvpress keeps int(N · (1 - ratio)) rows; 1 - B/N rounds to B - 1 for some N, 1 - (B + 0.5)/N gives B."""
+    return 1.0 - (B + 0.5) / N
+
+
+@contextlib.contextmanager
+def planted(bug: str | None):
+    """Plant one bug in kvpress's SnapKVPress for the duration of a run (its module's F, nothing else)."""
+    if bug is None:
+        yield
+        return
+    original = snapkv_press.F
+    if bug == "window-not-force-kept":
+        snapkv_press.F = argparse.Namespace(avg_pool1d=F.avg_pool1d, pad=lambda x, pad, value=0.0: F.pad(x, pad, value=0.0))
+    elif bug == "pooling-without-zero-padding":
+        snapkv_press.F = argparse.Namespace(pad=F.pad, avg_pool1d=lambda *a, **k: F.avg_pool1d(*a, **k, count_include_pad=False))
+    else:
+        raise OracleError(f"--plant {bug}: unknown; choose from {', '.join(PLANTS)}")
+    try:
+        yield
+    finally:
+        snapkv_press.F = original
+
+
+def load_model(model_dir: Path, dtype: torch.dtype):
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def run_kvpress(model, case) -> dict:
+    """One case through SnapKVPress: the decisions the kit needs."""
+    p, N = case.params, len(case.prompt_ids)
+    w, s, B = p["window"], p["kernel"], p["kv_budget"]
+    if p["pooling"] != "avg" or not (w < B < N):
+        raise OracleError(f"case {case.name}: outside kvpress's profile (avg pooling, w < B < N); "
+                          f"got pooling {p['pooling']}, w {w}, B {B}, N {N}")
+    press = SnapKVPress(compression_ratio=compression_ratio(N, B), window_size=w, kernel_size=s)
+    cache = DynamicCache()
+    L = model.config.num_hidden_layers
+    with torch.no_grad():
+        with CacheRecorder(cache) as rec, ScoreRecorder(press) as scored, press(model):
+            out = model(torch.tensor([case.prompt_ids]), past_key_values=cache)
+        kept = rec.kept_positions(range(L))  # {layer: [(B,) per KV head]}, in kvpress's top-k order
+        generated, steps, logits = [], [], out.logits[0, -1]
+        for t in range(case.max_new_tokens):  # greedy, as kvpress's pipeline decodes: explicit position ids
+            token = int(torch.nonzero(logits == logits.max())[0, 0])
+            generated.append(token)
+            steps.append(logits.numpy().copy())
+            if token in case.eos_token_ids or len(generated) == case.max_new_tokens:
+                break
+            logits = model(torch.tensor([[token]]), past_key_values=cache, position_ids=torch.tensor([[N + t]])).logits[0, -1]
+    layers = [LayerDecision(kv_positions=kept[l],
+                            kv_scores=list(scored.scores[l][:, : N - w]))  # (H_kv, N - w): the prefix rows' scores
+              for l in range(L)]
+    return dict(layers=layers, logits=steps[0] if steps else out.logits[0, -1].numpy(), generated_ids=generated,
+                step_logits=steps)
+
+
+def candidates(bundle: Path, out: Path, dtype: str, bug: str | None) -> list[str]:
+    """kvpress on every SnapKV case of the bundle; the kit writes each candidate. Returns the cases written."""
+    written = []
+    models = {}
+    for case in read_cases(bundle, methods=("snapkv",)):
+        if case.model not in models:
+            models[case.model] = load_model(case.model_dir(), DTYPES[dtype])
+        model = models[case.model]
+        with planted(bug):
+            decided = run_kvpress(model, case)
+        trace, arrays = build_candidate(case, model_shape(model.config), dtype=dtype, **decided)
+        write_candidate(out, case, trace, arrays)
+        written.append(case.name)
+    return written
+
+
+# ---------------------------------------------------------------- the whole check
+
+
+def cases_for(model: str, spec: dict) -> list[Case]:
+    return [Case(f"{model}-{c['name']}", model, "snapkv", c["n_tokens"], dict(c["params"], pooling="avg"),
+                 c.get("seed", 0), c.get("max_new_tokens", 4)) for c in spec[model]]
+
+
+def bundle_for(model: str, spec: dict, work: Path) -> Path:
+    """The oracle's bundle of the model's cases; rewritten when cases.json changed."""
+    path = work / "bundles" / model
+    stamp = path / "cases.json"
+    wanted = json.dumps(spec[model], sort_keys=True)
+    if (path / "manifest.json").is_file() and stamp.is_file() and stamp.read_text() == wanted:
+        return path
+    write_bundle(model, cases_for(model, spec), path, dtype="float64", progress=False,
+                 prompt=None if model.startswith("tiny-") else passkey_ids)
+    stamp.write_text(wanted)
+    return path
+
+
+def classify(result) -> dict:
+    f = next((x for x in result.findings if x.verdict == "FAIL"), None) or next(
+        (x for x in result.findings if x.verdict != "NOTE"), None)
+    return {"verdict": result.verdict, "field": None if f is None else f.field.split("[")[0],
+            "detail": result.line().split("\n")[0][35:]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="The verdicts and their causes: docs/integrations.md.")
+    ap.add_argument("--work", type=Path, default=Path("out/kvpress"), help="bundles and candidates go here")
+    ap.add_argument("--cases", type=Path, default=HERE / "cases.json", help="the kvpress-profile cases per model")
+    ap.add_argument("--expected", type=Path, default=HERE / "expected.json", help="the documented verdicts")
+    ap.add_argument("--models", nargs="*", help="only these models (default: every model in --cases)")
+    ap.add_argument("--plant", choices=sorted(PLANTS), help="one run with this bug planted, judged, nothing else")
+    args = ap.parse_args(argv)
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(1)  # tiny matrices: torch's thread pool costs more than it gains
+    spec = json.loads(args.cases.read_text())
+    expected = json.loads(args.expected.read_text())
+    models = args.models or [m for m in spec if not m.startswith("_")]
+    runs = [(m, dt, None) for m in models for dt in spec["_dtypes"].get(m, ["float32"])]
+    runs += [(spec["_plants_on"], "float32", bug) for bug in PLANTS]
+    if args.plant:
+        runs = [(spec["_plants_on"], "float32", args.plant)]
+    rows, ok = [], True
+    for model, dtype, bug in runs:
+        started = time.time()
+        label = f"{model} {dtype}" + (f" planted:{bug}" if bug else "")
+        try:
+            bundle = bundle_for(model, spec, args.work)
+            cand = args.work / "candidates" / (label.replace(" ", "_").replace(":", "-"))
+            candidates(bundle, cand, dtype, bug)
+            results = check(cand, bundle, methods=("snapkv",))
+        except (OracleError, RuntimeError, AssertionError, ValueError, KeyError) as e:
+            rows.append((label, "*", "NOT RUN", str(e).split("\n")[0], False))
+            ok = False
+            continue
+        if bug:
+            failed = [r for r in results if classify(r)["verdict"] == "FAIL"
+                      and classify(r)["field"] == expected["_plants"][bug]]
+            caught = bool(failed)
+            detail = (f"caught by {failed[0].case}: {classify(failed[0])['detail']}" if caught else
+                      f"NOT caught: expected a FAIL on {expected['_plants'][bug]}; got "
+                      + ", ".join(f"{r.case} {r.verdict}" for r in results))
+            rows.append((label, "(all)", "FAIL" if caught else "MISSED", detail, caught))
+            ok &= caught
+            continue
+        judged = {f"{r.case}@{dtype}" for r in results}
+        for key in sorted(k for k in expected if k.startswith(f"{model}-") and k.endswith(f"@{dtype}")):
+            if key not in judged:  # documented, but never judged: not a pass
+                rows.append((label, key.split("@")[0].removeprefix(f"{model}-"), "NOT RUN", "no verdict", False))
+                ok = False
+        for r in results:
+            got = classify(r)
+            want = expected.get(f"{r.case}@{dtype}")
+            match = want is not None and want["verdict"] == got["verdict"] and want.get("field") == got["field"]
+            ok &= match
+            mark = "" if match else f"   <-- documented: {want['verdict'] + ' ' + str(want.get('field')) if want else 'nothing'}"
+            rows.append((label, r.case.removeprefix(f"{model}-"), got["verdict"], got["detail"] + mark, match))
+        print(f"[{label}: {len(results)} cases in {time.time() - started:.0f} s]", file=sys.stderr)
+    print(f"\n{'run':<56} {'case':<14} {'verdict':<22} detail")
+    for label, case, verdict, detail, match in rows:
+        print(f"{label:<56} {case:<14} {verdict:<22} {detail[:160]}")
+    print(f"\nkvpress check: {'every verdict as documented (docs/integrations.md)' if ok else 'DIFFERS from the documented verdicts, or a run did not happen'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
