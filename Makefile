@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ASL    := $(VENV)/bin/asl
 
-.PHONY: demo test venv venv-test smollm2 tiny-checkpoints goldens bench clean help check-kvpress
+.PHONY: demo test venv venv-test smollm2 tiny-checkpoints goldens bench clean help check-kvpress gpu-wheels
 
 help:
 	@echo "make demo   - set up .venv, fetch SmolLM2 (once), answer a pass key hidden in ~1K tokens"
@@ -12,6 +12,7 @@ help:
 	@echo "make bench  - prefill speed and memory: reference and NumPy port vs transformers on SmolLM2"
 	@echo "make tiny-checkpoints - regenerate the committed tiny checkpoints (deterministic)"
 	@echo "make goldens - regenerate tests/goldens/ and print the diff of every change"
+	@echo "make gpu-wheels - cp312 manylinux wheels of what the GPU image lacks, into .whl/ (docs/gpu.md)"
 	@echo "make check-kvpress - judge kvpress's SnapKVPress with the oracle, in its own .venv-kvpress (docs/integrations.md)"
 
 $(PY):
@@ -50,6 +51,15 @@ tiny-checkpoints: $(VENV)/.base
 goldens: $(VENV)/.base
 	$(PY) -m reference.oracle.goldens --out tests/goldens
 
+# The device check's missing packages (gguf, jsonschema and what they import), for `pip install --no-index`
+# there; numpy and tqdm are on that image already. Never committed (.gitignore).
+GPU_WHEELS := gguf pyyaml jsonschema jsonschema-specifications referencing rpds-py attrs typing-extensions
+gpu-wheels: | $(PY)
+	rm -rf .whl && mkdir .whl
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 --dest .whl $(GPU_WHEELS)
+	@ls .whl
+
 # kvpress pins transformers<5.3 and brings pandas, datasets, peft: its own venv, remade only when its requirements change.
 KVPRESS_VENV ?= .venv-kvpress
 $(KVPRESS_VENV)/.stamp: examples/kvpress/requirements.txt pyproject.toml
@@ -63,4 +73,4 @@ check-kvpress: $(KVPRESS_VENV)/.stamp
 	$(KVPRESS_VENV)/bin/python examples/kvpress/kvpress_check.py --work out/kvpress
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(KVPRESS_VENV) .pytest_cache .hypothesis .whl

@@ -12,7 +12,11 @@ reference are in how, never in what:
   units, with BLAS held at one thread in every engine call;
 - the MLP in token chunks;
 - KV caches preallocated per layer, each KV head with its own length, grown
-  by doubling when decoding runs past the reserve;
+  by doubling when decoding runs past the reserve; whether the heads hold the
+  same positions is kept with the cache, not compared per decoding step;
+- on a device, host syncs once per layer or step, never per block: a prefill
+  layer takes three (the shift's quiet heads, the fallback check, the
+  finiteness check), a decoding step one (its logits);
 - window scores computed per KV group from the last w queries only.
 Scores and logits come back to the host as float32 NumPy arrays.
 
@@ -29,20 +33,21 @@ import numpy as np
 
 from gpu import threads as cpu_threads
 from gpu.attention import flash_attention, flash_group_attention
-from gpu.backend import is_cupy, to_host
+from gpu.backend import matmul_f32, on_device, row_sums_of_squares, to_host
 from reference.asl.scoring import causal_window_softmax, last_query_scores, pool
 from reference.model.rope import apply_rope, rope_tables
 from reference.model.weights import Weights
 
 F32 = np.float32
 MIN_ROWS_PER_THREAD = 64  # fewer rows than this per thread: run token-wise work in one piece
+DEVICE_DECODE_BLOCK_K = 1 << 19
 
 
 def blas_single_threaded(method):
     """An engine entry point that, on NumPy with several threads, runs with BLAS held at one thread.
     The engine spreads its work over the cores itself (`PortEngine.by_rows`, the attention units);
     BLAS threads started by a call in between keep spinning after it and take cores from the
-    engine's threads (a one-off measurement: ASL's scoring made the next layers ~50% slower)."""
+    engine's threads (measured: docs/benchmarks.md)."""
 
     @functools.wraps(method)
     def wrapped(self, *args, **kwargs):
@@ -87,6 +92,7 @@ class PortLayerCache:
     v: object  # (H_kv, capacity, hd)
     pos: np.ndarray  # (H_kv, capacity) int64 on the host
     lengths: list[int]  # per KV head
+    aligned: bool = True  # every KV head holds the same positions (set by compress, kept by append)
 
     def head(self, g: int):
         n = self.lengths[g]
@@ -97,9 +103,12 @@ class PortEngine:
     def __init__(self, weights: Weights, xp, *, block_q: int | None = None, block_k: int | None = None,
                  mlp_chunk: int = 4096, decode_reserve: int = 256, threads: int | None = None, row_slice: int = 1024):
         self.weights, self.xp, self.config = weights, xp, weights.config
-        gpu = is_cupy(xp)
+        gpu = on_device(xp)
         self.block_q = block_q or (512 if gpu else 128)
         self.block_k = block_k or (4096 if gpu else 8192)
+        # decoding on a device: a few query rows, so one key block of the whole cache (64 MB of scores at most
+        # for 32 rows) instead of kernel launches per 4096 keys; blocks given explicitly (the tests) are kept
+        self.decode_block_k = max(self.block_k, DEVICE_DECODE_BLOCK_K) if gpu and block_k is None else self.block_k
         self.threads = 1 if gpu else (threads or cpu_threads.available_cores())  # CPU threads (NumPy)
         self.row_slice = row_slice  # rows per slice of token-wise work on those threads
         self.mlp_chunk, self.decode_reserve = mlp_chunk, decode_reserve
@@ -110,14 +119,14 @@ class PortEngine:
     # ------------------------------------------------------------ pieces
 
     def linear(self, x, w, b=None):
-        """x (T, in) float32 @ W^T in the weight dtype, accumulated and returned in float32."""
-        y = (x.astype(w.dtype, copy=False) @ w.T).astype(F32, copy=False)
+        """x (T, in) float32, rounded to the weight dtype, @ W^T, accumulated and written in float32."""
+        y = matmul_f32(self.xp, x.astype(w.dtype, copy=False), w.T)
         return y if b is None else y + b.astype(F32, copy=False)
 
     def rms_norm(self, x, weight):
         """x / sqrt(mean(x²) + eps) * weight, the reference's formula in three passes over x instead of
-        five: the mean square by einsum (no x² temporary), the weight applied in place (float32 result)."""
-        mean_square = self.xp.einsum("td,td->t", x, x)[:, None] / F32(x.shape[-1])  # (T, 1)
+        five: the mean square without an x² temporary on NumPy, the weight applied in place (float32 result)."""
+        mean_square = row_sums_of_squares(self.xp, x)[:, None] / F32(x.shape[-1])  # (T, 1)
         h = x / self.xp.sqrt(mean_square + F32(self.config.rms_norm_eps))
         h *= weight
         return h
@@ -151,8 +160,7 @@ class PortEngine:
         """work(rows) for slices of rows covering 0..T: token-wise work (norms, projections, MLP) has
         no dependence between rows. On NumPy with several cores the slices go to the CPU threads
         (`each`), so elementwise passes use every core too; slices are at most `mlp_chunk` rows in
-        one piece, `row_slice` rows on threads: that bounds the MLP's temporaries (a one-off
-        measurement: 4096-row slices on two threads took SmolLM2's peak RSS at 8K tokens from 1.15 to 1.75 GB)."""
+        one piece, `row_slice` rows on threads: that bounds the MLP's temporaries (docs/benchmarks.md)."""
         parallel = self.threads > 1 and T >= MIN_ROWS_PER_THREAD * self.threads
         size = min(self.row_slice, -(-T // self.threads)) if parallel else self.mlp_chunk
         self.each([slice(a, min(a + size, T)) for a in range(0, T, size)], work)
@@ -171,6 +179,7 @@ class PortEngine:
                               xp.empty((H_kv, cap, hd), dtype=self.cache_dtype), pos, [n] * H_kv)
 
     def append(self, cache: PortLayerCache, k, v, position: int) -> None:
+        """k, v (H_kv, 1, hd) at `position`, after each head's last entry: one assignment for all heads."""
         xp = self.xp
         if max(cache.lengths) >= cache.k.shape[1]:  # grow by doubling
             H_kv, cap, hd = cache.k.shape
@@ -180,29 +189,34 @@ class PortEngine:
                 new[:, :cap] = old
                 setattr(cache, name, new)
             cache.pos = np.concatenate([cache.pos, np.zeros_like(cache.pos)], axis=1)
-        for g, n in enumerate(cache.lengths):
-            cache.k[g, n], cache.v[g, n], cache.pos[g, n] = k[g, 0], v[g, 0], position
-            cache.lengths[g] = n + 1
+        n = cache.lengths[0]
+        if all(m == n for m in cache.lengths):
+            cache.k[:, n], cache.v[:, n], cache.pos[:, n] = k[:, 0], v[:, 0], position
+        else:  # heads of different lengths (SnapKV's per-head budgets): one scatter
+            heads, ends = np.arange(len(cache.lengths)), np.array(cache.lengths)
+            cache.k[xp.asarray(heads), xp.asarray(ends)] = k[:, 0]
+            cache.v[xp.asarray(heads), xp.asarray(ends)] = v[:, 0]
+            cache.pos[heads, ends] = position
+        cache.lengths[:] = [m + 1 for m in cache.lengths]
 
     def attend(self, q, cache: PortLayerCache, positions: np.ndarray):
         """Query head h reads KV head h // G; q (H, T, hd) -> (T, H·hd).
 
         All KV heads at once while they hold the same positions (prefill, or
-        decoding without SnapKV); head by head otherwise.
+        decoding without SnapKV: `cache.aligned`); head by head otherwise.
         """
         H_kv, G = self.config.num_key_value_heads, self.config.group_size
         H, T, hd = q.shape
-        n = cache.lengths[0]
-        if all(m == n for m in cache.lengths) and all(np.array_equal(cache.pos[0, :n], cache.pos[g, :n])
-                                                     for g in range(1, H_kv)):
+        n, block_k = cache.lengths[0], self.decode_block_k if T == 1 else self.block_k
+        if cache.aligned:
             out = flash_attention(self.xp, q.reshape(H_kv, G, T, hd), cache.k[:, :n], cache.v[:, :n], positions,
-                                  cache.pos[0, :n], self.block_q, self.block_k, self.threads).reshape(H, T, hd)
+                                  cache.pos[0, :n], self.block_q, block_k, self.threads).reshape(H, T, hd)
         else:
             out = self.xp.empty((T, H, hd), dtype=F32).transpose(1, 0, 2)  # token-major, as flash_attention's
             for g in range(H_kv):
                 k, v, pos = cache.head(g)
                 out[g * G:(g + 1) * G] = flash_group_attention(self.xp, q[g * G:(g + 1) * G], k, v, positions, pos,
-                                                               self.block_q, self.block_k, self.threads)
+                                                               self.block_q, block_k, self.threads)
         return out.transpose(1, 0, 2).reshape(T, -1)
 
     def mlp(self, x, lw):
@@ -246,8 +260,10 @@ class PortEngine:
         scale = F32(1.0 / float(np.sqrt(hd)))
         u = xp.empty((H, n - w), dtype=F32)
 
-        def group(g):  # the port's own part: one KV group at a time, on the CPU threads (no (H, n, hd) repeat)
-            s = (q_window[g * G:(g + 1) * G] * scale) @ cache.k[g, :n].astype(F32, copy=False).T  # (G, w, n)
+        def group(g):  # the port's own part: one KV group at a time, on the CPU threads (no (H, n, hd) repeat),
+            # its G·w rows in one 2-D GEMM (CuPy's batched matmul has no tensor cores)
+            s = ((q_window[g * G:(g + 1) * G] * scale).reshape(G * w, hd)
+                 @ cache.k[g, :n].astype(F32, copy=False).T).reshape(G, w, n)
             u[g * G:(g + 1) * G] = causal_window_softmax(s, xp)[:, :, : n - w].sum(axis=1)
 
         self.each(range(self.config.num_key_value_heads), group)
@@ -273,15 +289,20 @@ class PortEngine:
             cache.v[g, : len(rows)] = cache.v[g][idx]
             cache.pos[g, : len(rows)] = cache.pos[g][rows]
             cache.lengths[g] = len(rows)
+        first = cache.pos[0, : cache.lengths[0]]  # compared once here, not at every decoding step
+        cache.aligned = all(np.array_equal(cache.pos[g, :n], first) for g, n in enumerate(cache.lengths))
         return cache
 
     def positions(self, cache: PortLayerCache) -> list[np.ndarray]:
         return [cache.pos[g, :n].copy() for g, n in enumerate(cache.lengths)]
 
     def all_finite(self, x) -> bool:
-        """Every row's Σ x² is finite, as in the reference's: one device reduction and one host sync per call
-        (once a layer in prefill)."""
-        return bool(self.xp.isfinite(self.xp.einsum("td,td->t", x, x)).all())
+        """Every row's Σ x² is finite, as in the reference's: `mlp_chunk` rows at a time (no (T, D) temporary
+        on a device), one host sync per call (once a layer in prefill)."""
+        xp = self.xp
+        finite = [xp.isfinite(row_sums_of_squares(xp, x[a:a + self.mlp_chunk])).all()
+                  for a in range(0, x.shape[0], self.mlp_chunk)]
+        return bool(xp.stack(finite).all()) if finite else True
 
     def select_rows(self, x, rows: np.ndarray):
         return x[self.xp.asarray(rows)]

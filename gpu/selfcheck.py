@@ -3,20 +3,25 @@
     python -m gpu.selfcheck --out OUT                      # on a GPU machine: CuPy, Llama-3.1-8B shapes
     python -m gpu.selfcheck --backend numpy --small --out OUT --skip-pytest   # its CPU half (run by the tests)
 
+(docs/gpu.md gives the device command: the wheels of what the GPU image lacks first, then this.)
 Steps, each written to OUT as it finishes (so a run cut short still reports):
 1. environment: device, driver, CUDA and CuPy versions, numpy, torch;
-2. agreement: tests/test_port_agreement.py under pytest (hypothesis, random
-   tiny models, the CuPy variants included when a GPU is present);
+2. agreement: the device variants of tests/test_port_agreement.py under pytest
+   (hypothesis, random tiny models), the goldens left to step 3;
 3. goldens: every golden case on the port at its weight dtype, judged by
-   reference/oracle/conformance.py;
+   reference/oracle/conformance.py (once: step 2 leaves them out);
 4. benchmark: a randomly initialised Llama-3.1-8B-shaped model (weights made on
-   the device; --small: a small shape) at each --lengths: `full` and ASL's
-   one-shot selection (forced at layer 15 with FastKV when random weights never
-   fire the criterion), prefill seconds, decode ms/token, peak memory,
-   achieved TFLOP/s against a GEMM measured in the same run, and, when torch
-   is importable, PyTorch SDPA prefill of the same shapes as the peer.
-OUT/results.json holds every number; OUT/gpu-results.md the report for
-docs/gpu-results.md. The run keeps to --budget-s and skips what would not fit.
+   the device; --small: a small shape): the rate of the port's float16 linear
+   layer against a float16 GEMM, then at each of --lengths, shortest first,
+   `full` and ASL's one-shot selection (forced at layer 15 with FastKV when
+   random weights never fire the criterion at a short probe), prefill seconds,
+   decode ms/token, peak memory, achieved TFLOP/s against the GEMM rate, and,
+   when torch is importable, PyTorch SDPA prefill of the same shapes as the peer.
+   Each length's cost is predicted from those before it (a·n + b·n², fitted to
+   the last two; from one, all of it ∝ n² as attention's is) and a length
+   that would end past --budget-s is skipped, not started.
+OUT/results.json holds every number, rewritten as each lands; OUT/gpu-results.md the report for
+docs/gpu-results.md.
 
 (Length: the whole device check is one script, so that one short command runs it on a machine that has nothing else.)
 """
@@ -31,6 +36,7 @@ import platform
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +47,7 @@ from gpu.loader import load_device_weights, random_device_weights
 from reference.asl.generate import generate
 from reference.asl.params import Params
 from reference.model.config import parse_config
+from reference.model.rope import inverse_frequencies
 from reference.oracle.conformance import TOLERANCES, compare
 from reference.oracle.goldens import default_cases, run_case
 from reference.oracle.trace import make_trace
@@ -92,7 +99,10 @@ def environment(xp) -> dict:
         env |= {"device": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
                 "device_memory_gib": round(props["totalGlobalMem"] / 2**30, 1),
                 "driver": rt.driverGetVersion(), "cuda_runtime": rt.runtimeGetVersion(), "cupy": xp.__version__,
-                "CUPY_TF32": os.environ.get("CUPY_TF32", "0")}
+                "CUPY_TF32": os.environ.get("CUPY_TF32", "0"),
+                "attention_gemms": "2-D per KV head, float32 operands: "
+                                   + ("TF32 tensor cores" if os.environ.get("CUPY_TF32", "0") != "0" else "FP32"),
+                "linear_gemms": "cuBLAS GemmEx, float16 operands, float32 accumulation and output"}
     else:
         blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
         env |= {"device": f"CPU ({os.cpu_count()} cores)", "blas": f"{blas.get('name')} {blas.get('version')}"}
@@ -106,9 +116,13 @@ def environment(xp) -> dict:
     return env
 
 
+AGREEMENT_SELECTION = "cupy and not goldens"  # the device variants; the NumPy ones run in the suite, the goldens in step 3
+
+
 def run_agreement_tests(report: Report, timeout_s: float) -> None:
     root = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "tests" / "test_port_agreement.py")]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", AGREEMENT_SELECTION,
+           str(root / "tests" / "test_port_agreement.py")]
     try:
         done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout_s)
         (report.out / "agreement.log").write_text(done.stdout + done.stderr)
@@ -160,6 +174,39 @@ def peak_memory_gib(xp) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB
 
 
+def linear_tflops(xp, weights, n_rows: int) -> float:
+    """The port's linear layer (PortEngine.linear: weight-dtype operands, float32 out) on the MLP's up projection."""
+    engine = PortEngine(weights, xp)
+    w = weights.layers[0].w_up
+    x = xp.ones((n_rows, w.shape[1]), dtype=np.float32)
+    engine.linear(x, w)
+    sync(xp)
+    start = time.perf_counter()
+    reps = 5
+    for _ in range(reps):
+        engine.linear(x, w)
+    sync(xp)
+    return 2 * n_rows * w.shape[0] * w.shape[1] * reps / (time.perf_counter() - start) / 1e12
+
+
+def predicted_seconds(done: list[tuple[int, float]], n: int) -> float | None:
+    """A length's cost from the lengths measured before it: a·n + b·n² through the last two (a, b >= 0),
+    or all ∝ n² (attention's share, an upper bound) from one; None before any."""
+    if not done:
+        return None
+    (n1, t1) = done[-1]
+    if len(done) == 1:
+        return t1 * (n / n1) ** 2
+    (n0, t0) = done[-2]
+    b = max(0.0, (t1 / n1 - t0 / n0) / (n1 - n0))
+    a = max(0.0, t1 / n1 - b * n1)
+    return a * n + b * n * n
+
+
+def out_of_memory(e: Exception) -> bool:
+    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
+
+
 def port_point(xp, weights, cfg, n_tokens: int, method: str, params, decode_tokens: int) -> dict:
     ids = np.random.default_rng(n_tokens).integers(0, cfg.vocab_size, n_tokens)
     engine = PortEngine(weights, xp)
@@ -201,7 +248,7 @@ def torch_point(cfg, n_tokens: int, on_gpu: bool) -> dict | None:
 
     wq, wk, wv, wo = rand(H * hd, D), rand(H_kv * hd, D), rand(H_kv * hd, D), rand(D, H * hd)
     wg, wu, wd = rand(Fm, D), rand(Fm, D), rand(D, Fm)
-    inv = torch.tensor(__import__("reference.model.rope", fromlist=["x"]).inverse_frequencies(cfg), device=dev)
+    inv = torch.tensor(inverse_frequencies(cfg), device=dev)
     ang = torch.arange(n_tokens, device=dev, dtype=torch.float64)[:, None] * inv[None]
     cos, sin = torch.cat([ang.cos()] * 2, -1).to(dt), torch.cat([ang.sin()] * 2, -1).to(dt)
 
@@ -238,6 +285,9 @@ def torch_point(cfg, n_tokens: int, on_gpu: bool) -> dict | None:
             torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None
+    if on_gpu:
+        del x, wq, wk, wv, wo, wg, wu, wd
+        torch.cuda.empty_cache()  # and torch's cache gives its back before the next length
     return {"tokens": n_tokens, "prefill_s": round(seconds, 3), "peak_memory_gib": None if peak is None else round(peak, 2),
             "dtype": str(dt)}
 
@@ -249,27 +299,48 @@ def run_benchmark(report: Report, xp, small: bool, lengths: list[int], weight_dt
     on_gpu = xp.__name__ == "cupy"
     gemm = gemm_tflops(xp, 8192 if on_gpu else 1024, np.float16 if on_gpu else np.float32)
     report.put("gemm_tflops", {"dtype": "float16" if on_gpu else "float32", "tflops": round(gemm, 2)})
-    points, forced = [], None
-    for n in lengths:
-        if report.elapsed() > budget_s:
-            points.append({"tokens": n, "skipped": f"time budget of {budget_s:.0f} s reached"})
+    linear = linear_tflops(xp, weights, 4096 if on_gpu else 256)
+    report.put("linear", {"weight_dtype": weight_dtype, "tflops": round(linear, 2),
+                          "fraction_of_gemm_rate": round(linear / gemm, 3)})
+    points, done, forced = [], [], None  # done: (tokens, seconds) of every length measured
+    for n in sorted(lengths):
+        guess = predicted_seconds(done, n)
+        if report.elapsed() + (guess or 0.0) > budget_s:
+            why = f"time budget of {budget_s:.0f} s: " + (f"predicted {guess:.0f} s, {budget_s - report.elapsed():.0f} s left"
+                                                         if guess is not None else "reached")
+            points.append({"tokens": n, "skipped": why})
             report.put("benchmark", points)
             continue
-        full = port_point(xp, weights, cfg, n, "full", asl, 4)
-        if forced is None:  # does the criterion fire on random weights? asked once, at the shortest length
-            probe = port_point(xp, weights, cfg, n, "asl", asl, 0)
-            forced = probe["select_layer"] is None
-            one_shot = probe if not forced else port_point(xp, weights, cfg, n, "fastkv", asl, 4)
-        else:
-            one_shot = port_point(xp, weights, cfg, n, "fastkv" if forced else "asl", asl, 4)
-        one_shot["label"] = f"asl (forced at layer {asl.select_layer} via fastkv)" if forced else "asl"
-        peer = torch_point(cfg, n, on_gpu) if report.elapsed() < budget_s else None
-        point = {"tokens": n, "full": full, "asl": one_shot, "torch_sdpa": peer,
-                 "full_vs_torch": None if peer is None else round(full["prefill_s"] / peer["prefill_s"], 2),
-                 "asl_time_saved": round(1 - one_shot["prefill_s"] / full["prefill_s"], 3),
-                 "asl_flops_saved": round(1 - one_shot["prefill_flops"] / full["prefill_flops"], 3),
-                 "full_fraction_of_gemm_rate": round(full["tflops"] / gemm, 3)}
+        start = time.perf_counter()
+        point = {"tokens": n}
         points.append(point)
+        try:
+            if forced is None:  # does the criterion fire on random weights? asked once, on a short prompt
+                probe = port_point(xp, weights, cfg, min(n, 2048), "asl", asl, 0)
+                forced = probe["select_layer"] is None
+                report.put("asl_probe", {"tokens": min(n, 2048), "select_layer": probe["select_layer"], "forced": forced})
+            label = f"asl (forced at layer {asl.select_layer} via fastkv)" if forced else "asl"
+            point["full"] = port_point(xp, weights, cfg, n, "full", asl, 4)
+            report.put("benchmark", points)
+            point["asl"] = port_point(xp, weights, cfg, n, "fastkv" if forced else "asl", asl, 4) | {"label": label}
+            report.put("benchmark", points)
+            peak_memory_reset(xp)  # CuPy's pool gives its blocks back before torch allocates
+            peer = torch_point(cfg, n, on_gpu)
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+            point["skipped"] = f"out of device memory ({type(e).__name__})"
+            report.put("benchmark", points)
+            peak_memory_reset(xp)
+            continue
+        full, one_shot = point["full"], point["asl"]
+        point |= {"torch_sdpa": peer,
+                  "full_vs_torch": None if peer is None else round(full["prefill_s"] / peer["prefill_s"], 2),
+                  "asl_time_saved": round(1 - one_shot["prefill_s"] / full["prefill_s"], 3),
+                  "asl_flops_saved": round(1 - one_shot["prefill_flops"] / full["prefill_flops"], 3),
+                  "full_fraction_of_gemm_rate": round(full["tflops"] / gemm, 3)}
+        done.append((n, time.perf_counter() - start))
+        point["seconds"] = round(done[-1][1], 1)
         report.put("benchmark", points)
 
 
@@ -279,6 +350,7 @@ def markdown(data: dict) -> str:
              f"- date: {env.get('date')}", f"- device: {env.get('device')} ({env.get('backend')})",
              f"- driver / CUDA runtime / CuPy: {env.get('driver')} / {env.get('cuda_runtime')} / {env.get('cupy')}",
              f"- numpy {env.get('numpy')}, torch {env.get('torch')}", f"- command: `{env.get('command')}`", ""]
+    lines += [f"**{key}**: {value}" for key, value in data.items() if key.startswith("error in")]
     if "agreement" in data:
         lines += [f"Agreement tests: return code {data['agreement']['returncode']}, {data['agreement']['summary']}", ""]
     if "goldens" in data:
@@ -286,13 +358,16 @@ def markdown(data: dict) -> str:
     if "gemm_tflops" in data:
         lines += [f"GEMM rate measured in the same run: {data['gemm_tflops']['tflops']} TFLOP/s "
                   f"({data['gemm_tflops']['dtype']})", ""]
+    if "linear" in data:
+        lines += [f"The port's linear layer ({data['linear']['weight_dtype']} weights, float32 out): "
+                  f"{data['linear']['tflops']} TFLOP/s, {data['linear']['fraction_of_gemm_rate']} of the GEMM rate", ""]
     if "benchmark" in data:
         lines += ["| tokens | full prefill s | asl prefill s | torch SDPA s | full / torch | full TFLOP/s | "
                   "decode ms/token | peak GiB (full) | asl time saved | asl FLOPs saved |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for p in data["benchmark"]:
-            if "skipped" in p:
-                lines.append(f"| {p['tokens']} | {p['skipped']} | | | | | | | | |")
+            if "skipped" in p or "asl" not in p:
+                lines.append(f"| {p['tokens']} | {p.get('skipped', 'incomplete')} | | | | | | | | |")
                 continue
             t = p["torch_sdpa"] or {}
             lines.append(f"| {p['tokens']} | {p['full']['prefill_s']} | {p['asl']['prefill_s']} | {t.get('prefill_s', '-')} | "
@@ -310,7 +385,9 @@ def main(argv=None) -> int:
     parser.add_argument("--small", action="store_true", help="a small random model instead of Llama-3.1-8B shapes")
     parser.add_argument("--lengths", type=int, nargs="+", default=None,
                         help="prompt lengths (default 16384 32768 131072; --small: 256 512)")
-    parser.add_argument("--budget-s", type=float, default=460.0, help="stop starting new work after this (default 460)")
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="start no length predicted to end after this many seconds (default 420: the whole "
+                             "check within 8 minutes)")
     parser.add_argument("--skip-pytest", action="store_true", help="leave out the pytest agreement step")
     parser.add_argument("--no-tf32", action="store_true", help="CuPy: keep float32 GEMMs off TF32 tensor cores")
     args = parser.parse_args(argv)
@@ -322,18 +399,24 @@ def main(argv=None) -> int:
     lengths = args.lengths or ([256, 512] if args.small else [16384, 32768, 131072])
     report = Report(args.out)
     report.put("environment", environment(xp))
+    steps = [] if args.skip_pytest else [("agreement", lambda: run_agreement_tests(report, max(30.0, args.budget_s / 4)))]
+    steps += [("goldens", lambda: run_goldens(report, xp, weight_dtype)),
+              ("benchmark", lambda: run_benchmark(report, xp, args.small, lengths, weight_dtype, args.budget_s))]
+    broken = []
     try:
-        if not args.skip_pytest:
-            run_agreement_tests(report, timeout_s=max(60.0, args.budget_s / 3))
-        run_goldens(report, xp, weight_dtype)
-        run_benchmark(report, xp, args.small, lengths, weight_dtype, args.budget_s)
-    except Exception as e:  # keep what was measured; say what broke
-        report.put("error", f"{type(e).__name__}: {e}")
-        raise
+        for name, step in steps:
+            try:
+                step()
+            except Exception as e:  # keep what was measured, say what broke, go on to the next step
+                broken.append(name)
+                report.put(f"error in {name}", f"{type(e).__name__}: {e}")
+                with open(args.out / "errors.log", "a") as log:
+                    log.write(f"--- {name}\n{traceback.format_exc()}\n")
     finally:
         (args.out / "gpu-results.md").write_text(markdown(report.data))
         print(f"results in {args.out}/results.json and {args.out}/gpu-results.md ({report.elapsed():.0f} s)")
-    failed = report.data.get("agreement", {}).get("returncode") not in (None, 0) or report.data["goldens"]["counts"]["FAIL"]
+    failed = (broken or report.data.get("agreement", {}).get("returncode") not in (None, 0)
+              or report.data.get("goldens", {}).get("counts", {}).get("FAIL"))
     return 1 if failed else 0
 
 

@@ -1,5 +1,6 @@
-"""Both engines keep the Engine protocol (reference/asl/engine.py) and behave the same for a caller: after generation,
-`prefill.cache` is still the cache the prefill left, because each decode step returns a new cache."""
+"""Both engines (the port also on the CPU stand-in for CuPy) keep the Engine protocol (reference/asl/engine.py) and
+behave the same for a caller: after generation, `prefill.cache` is still the cache the prefill left, because each
+decode step returns a new cache."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from reference.asl.generate import generate
 from reference.asl.params import Params
 from reference.io.checkpoint import load_weights
 from reference.io.fetch import resolve_model
+from tests.standin import standin
 
 P = Params(window=4, kernel=3, select_k=24, tau=0.5, l_min=6, l_obs=4, kv_budget=40)
 PROTOCOL = [name for name in vars(Engine) if not name.startswith("_") and callable(getattr(Engine, name))]
@@ -21,12 +23,14 @@ PROTOCOL = [name for name in vars(Engine) if not name.startswith("_") and callab
 
 def engines():
     model_dir = resolve_model("tiny-llama")
-    xp = get_xp("numpy")
+    xp, device = get_xp("numpy"), standin()
     return {"reference": ReferenceEngine(load_weights(model_dir, "float32")),
-            "port": PortEngine(load_device_weights(model_dir, xp, "float32", progress=False)[0], xp)}
+            "port": PortEngine(load_device_weights(model_dir, xp, "float32", progress=False)[0], xp),
+            "port on the CPU stand-in for CuPy": PortEngine(load_device_weights(model_dir, device, "float16",
+                                                                                progress=False)[0], device)}
 
 
-@pytest.mark.parametrize("name", ["reference", "port"])
+@pytest.mark.parametrize("name", ["reference", "port", "port on the CPU stand-in for CuPy"])
 def test_each_engine_has_every_method_of_the_protocol(name):
     engine = engines()[name]
     assert PROTOCOL and all(callable(getattr(engine, m, None)) for m in PROTOCOL)

@@ -2,8 +2,11 @@
 
 Agreement is judged by the tolerance policy of reference/oracle/conformance.py
 (docs/conformance.md), the same code the golden checks use. Every test runs
-on the NumPy backend; the CuPy variants run where CuPy and a GPU are present
-and are skipped with the reason otherwise.
+on the NumPy backend and on the CPU stand-in for CuPy (tests/standin.py: the
+GPU's layout, float16 weights, device arrays that refuse host conversions and
+host operands, float32 flushed to zero as CuPy's kernels flush it); the CuPy
+variants run where CuPy and a GPU are present and are skipped with the reason
+otherwise.
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ from reference.oracle.goldens import default_cases, run_case
 from reference.oracle.trace import make_trace
 from tests.conftest import GOLDEN_DIR
 from tests.model_factory import random_model
+from tests.standin import standin
 
 CUPY_SKIP = cupy_unavailable_reason()
 BACKENDS = [
     pytest.param(("numpy", "float32"), id="numpy-float32"),
+    pytest.param(("standin", "float16"), id="standin-float16"),
     pytest.param(("cupy", "float16"), id="cupy-float16",
                  marks=pytest.mark.skipif(CUPY_SKIP is not None, reason=f"no GPU backend here: {CUPY_SKIP}")),
 ]
@@ -69,6 +74,11 @@ def threads_on_tiny_work(monkeypatch):
     monkeypatch.setattr(gpu.attention, "MIN_THREADED_SCORES", 0)
 
 
+def array_module(name: str):
+    """--backend NAME's module, or a fresh CPU stand-in for CuPy."""
+    return standin() if name == "standin" else get_xp(name)
+
+
 def record(gen, weights, dtype):
     trace, arrays = make_trace(gen, model_name="random", model_sha256="", config=weights.config, dtype=dtype)
     return record_from_trace(trace, arrays)
@@ -79,7 +89,7 @@ def record(gen, weights, dtype):
 @given(case=agreement_cases())
 def test_port_agrees_with_the_reference(backend, case, threads_on_tiny_work):
     name, weight_dtype = backend
-    xp = get_xp(name)
+    xp = array_module(name)
     model, method, params, ids, threads = case
     weights = random_model(**model)
     expected = generate(weights, ids, 4, (), method=method, params=params)
@@ -96,7 +106,7 @@ def test_port_agrees_with_the_reference(backend, case, threads_on_tiny_work):
 @given(T=st.integers(1, 70), extra=st.integers(0, 50), G=st.integers(1, 4), bq=st.integers(1, 20),
        bk=st.integers(1, 40), seed=st.integers(0, 2**31), decode=st.booleans())
 def test_online_softmax_attention_equals_the_reference(backend, T, extra, G, bq, bk, seed, decode):
-    xp = get_xp(backend[0])
+    xp = array_module(backend[0])
     rng = np.random.default_rng(seed)
     n = T + extra
     k_pos = np.sort(rng.choice(np.arange(3 * n), size=n, replace=False)).astype(np.int64)
@@ -217,7 +227,7 @@ def test_thread_count_and_unit_layout_do_not_change_the_attention(T, B, G, bq, s
 def test_port_reproduces_the_goldens(backend, case):
     """float16 on NumPy runs the GPU's weight dtype through the same code, so a GPU run is not its first."""
     name, weight_dtype = backend
-    xp = get_xp(name)
+    xp = array_module(name)
 
     def engine(model_dir):
         return PortEngine(load_device_weights(model_dir, xp, weight_dtype, progress=False)[0], xp)
@@ -235,3 +245,22 @@ def test_cupy_backend_missing_is_a_clear_error():
     with pytest.raises(OracleError, match="--backend cupy: .*use --backend numpy"):
         get_xp("cupy")
     assert get_xp("auto") is np
+
+
+def test_a_driver_older_than_cupys_cuda_is_a_clear_error(monkeypatch):
+    """CuPy importable, the driver too old for its CUDA (the device machine's CUDA 13 CuPy on a CUDA 12
+    driver, say): one line naming the cause and the way out, not CuPy's traceback."""
+    import sys
+    import types
+
+    from reference.errors import OracleError
+
+    def too_old():
+        raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version")
+
+    fake = types.SimpleNamespace(__version__="14.2.0", cuda=types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDeviceCount=too_old)))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    with pytest.raises(OracleError, match=r"driver is older than the CUDA of CuPy 14\.2\.0 .*gpu-cuda13") as e:
+        get_xp("cupy")
+    assert "\n" not in str(e.value)

@@ -29,5 +29,29 @@ def test_selfcheck_budget_skips_what_does_not_fit(tmp_path):
                            "--out", str(out), "--lengths", "128", "--budget-s", "0"], capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    points = json.loads((out / "results.json").read_text())["benchmark"]
-    assert points == [{"tokens": 128, "skipped": "time budget of 0 s reached"}]
+    data = json.loads((out / "results.json").read_text())
+    assert data["benchmark"] == [{"tokens": 128, "skipped": "time budget of 0 s: reached"}]
+    assert "asl_probe" not in data  # nothing of the benchmark ran, not even the probe
+
+
+def test_selfcheck_skips_a_length_predicted_not_to_fit(tmp_path):
+    """The second length is 10^4 times the first: ∝ n² from the first, it would take far longer than the budget,
+    so it is skipped before it starts, and the results come in increasing order whatever the order asked."""
+    out = tmp_path / "sc"
+    done = subprocess.run([sys.executable, "-m", "gpu.selfcheck", "--backend", "numpy", "--small", "--skip-pytest",
+                           "--out", str(out), "--lengths", "6400", "64", "--budget-s", "120"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, second = json.loads((out / "results.json").read_text())["benchmark"]
+    assert first["tokens"] == 64 and first["full"]["prefill_s"] > 0
+    assert second["tokens"] == 6400 and second["skipped"].startswith("time budget of 120 s: predicted")
+
+
+def test_the_cost_prediction_follows_its_model():
+    from gpu.selfcheck import predicted_seconds
+
+    assert predicted_seconds([], 10) is None
+    assert predicted_seconds([(100, 2.0)], 300) == 18.0  # one point: all ∝ n²
+    a, b = 0.01, 0.0003  # t = a·n + b·n², through two points, predicts a third
+    t = lambda n: a * n + b * n * n  # noqa: E731
+    assert abs(predicted_seconds([(100, t(100)), (200, t(200))], 1000) - t(1000)) < 1e-9

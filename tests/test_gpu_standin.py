@@ -1,0 +1,162 @@
+"""The GPU's rules kept on the CPU: the stand-in for CuPy (tests/standin.py) refuses what CuPy refuses, and the
+port on it syncs with the host a fixed number of times per layer, uses 2-D GEMMs with float32 outputs, and keeps
+float32 precision under flush-to-zero. The agreement tests and goldens on the stand-in are in
+tests/test_port_agreement.py (the standin-float16 variants)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpu.attention
+from gpu.attention import flash_attention
+from gpu.engine import PortEngine
+from gpu.loader import device_copy
+from reference.asl.generate import generate
+from reference.asl.methods import run_prefill
+from reference.asl.params import Params
+from reference.model.attention import group_attention
+from tests.model_factory import random_model
+from tests.standin import standin
+
+SLOW_ON_CUPY = ("batched matmul", "float16 matmul", "einsum")
+
+
+def test_the_standin_refuses_what_cupy_refuses():
+    xp = standin()
+    a = xp.asarray(np.array([[1.0, -2.0], [3.0, 4.0]], dtype=np.float32))
+    host = np.ones(2, dtype=np.float32)
+    for mistake in (lambda: np.asarray(a), lambda: a + host, lambda: xp.maximum(a, host),
+                    lambda: xp.copyto(a, np.float32(0), where=host > 0), lambda: a.__setitem__(0, host)):
+        with pytest.raises(TypeError):
+            mistake()
+    total = a.sum()
+    assert not isinstance(total, (np.ndarray, np.generic)) and xp.syncs == 0  # a 0-d device array, not a scalar
+    assert float(total) == 6.0 and bool((a > 0).any()) and a.get().shape == (2, 2)
+    assert xp.syncs == 3
+    tiny = xp.exp(xp.asarray(np.array([-100.0], dtype=np.float32)))  # e^-100 is subnormal in float32
+    assert np.exp(np.float32(-100.0)) > 0 and tiny.get()[0] == 0  # flushed, as CuPy's -ftz=true kernels flush it
+
+
+def port_on_standin(n_layers: int, seed: int = 1):
+    xp = standin()
+    weights = random_model(seed=seed, n_layers=n_layers, n_heads=4, n_kv_heads=2, head_dim=8, hidden=32,
+                           dtype=np.float32)
+    return xp, PortEngine(device_copy(weights, xp, "float16"), xp, block_q=16, block_k=32)  # small blocks: many
+
+
+@pytest.mark.parametrize("n_layers", [3, 5])
+def test_a_prefill_syncs_a_fixed_number_of_times_per_layer_not_per_block(n_layers):
+    """Per layer: the attention's quiet heads (one flag per KV head) and its fallback check (one flag per query
+    block, fetched together), and the layer's finiteness check; once: the embeddings' finiteness check and the
+    logits. 40 and 150 tokens make 3 and 10 query blocks of 16: the count must not see the difference."""
+    counts = set()
+    for n_tokens in (40, 150):
+        xp, engine = port_on_standin(n_layers)
+        xp.reset()
+        run_prefill(engine, np.random.default_rng(0).integers(0, 64, n_tokens), "full", Params())
+        counts.add(xp.syncs)
+    assert counts == {3 * n_layers + 2}
+
+
+@pytest.mark.parametrize("method", ["full", "snapkv", "asl"])
+def test_a_decoding_step_syncs_once_for_its_logits(method):
+    """SnapKV leaves the KV heads holding different positions: still no per-layer comparison or sync."""
+    xp, engine = port_on_standin(6)
+    params = Params(window=4, kernel=3, select_k=20, tau=0.5, l_min=2, l_obs=2, kv_budget=24)
+    prefill = run_prefill(engine, np.random.default_rng(2).integers(0, 64, 90), method, params)
+    cache = prefill.cache
+    for step in range(3):
+        xp.reset()
+        _, cache = engine.decode(cache, 5, prefill.next_position + step)
+        assert xp.syncs == 1, (method, dict(xp.sync_kinds))
+
+
+@pytest.mark.parametrize("method", ["full", "asl", "snapkv", "gemfilter", "asl-2pass"])
+def test_the_device_path_takes_2d_gemms_with_float32_outputs_and_no_einsum(method):
+    xp, engine = port_on_standin(6)
+    params = Params(window=4, kernel=3, select_k=20, tau=0.5, l_min=2, l_obs=2, kv_budget=24, select_layer=2,
+                    filter_layer=2)
+    generate(engine, np.random.default_rng(3).integers(0, 64, 70), 3, (), method=method, params=params)
+    assert xp.calls["matmul"] > 0
+    assert {name: xp.calls[name] for name in SLOW_ON_CUPY} == dict.fromkeys(SLOW_ON_CUPY, 0)
+
+
+def loose_bound_case():
+    """A row whose largest weight, after the fixed shift, is normal but small (about 2^-105) while 4999 other
+    keys, each e^-15 of it, are subnormal: the box and norm bounds are loose (keys along different axes), so
+    the shift overshoots the largest score by ~152 nats. Together those keys carry 0.15% of the softmax."""
+    S, hd, T = 5000, 16, 16
+    k = np.zeros((1, S, hd), np.float32)
+    k[0, 0, 0] = 50.67  # score 50.67 with q = 4·(1, ..., 1) scaled by 1/4
+    k[0, np.arange(1, S), 1 + np.arange(S - 1) % (hd - 1)] = 50.67 - 15
+    q = np.full((1, 1, T, hd), 4.0, np.float32)
+    v = np.random.default_rng(0).uniform(-1, 1, (1, S, hd)).astype(np.float32)
+    k_pos, q_pos = np.arange(S), np.arange(S - T, S)
+    expected = group_attention(q[0].astype(np.float64), k[0].astype(np.float64), v[0].astype(np.float64),
+                               q_pos, k_pos)
+    return (q, k, v, q_pos, k_pos), expected
+
+
+def test_flush_to_zero_does_not_cost_the_fixed_shift_its_precision(monkeypatch):
+    (q, k, v, q_pos, k_pos), expected = loose_bound_case()
+    xp = standin(ftz=True)
+
+    def attend():
+        return flash_attention(xp, xp.asarray(q), xp.asarray(k), xp.asarray(v), q_pos, k_pos, 8, 1024).get()[0]
+
+    np.testing.assert_allclose(attend(), expected, rtol=0, atol=2e-5)
+    # the case does reach flush-to-zero: with a threshold that counts on subnormals (2^-149 per lost term, as if
+    # nothing were flushed) the fixed shift's rows pass the check and lose the flushed keys' share
+    monkeypatch.setattr(gpu.attention, "FLT_MIN", 2.0**-149)
+    assert np.abs(attend() - expected).max() > 1e-4
+
+
+def test_float16_weights_give_float32_outputs_above_65504():
+    """A float16 product written in float16 turns 64 · 1100 · 1 = 70400 into inf; the port's stays finite."""
+    x = np.full((2, 64), 1100.0, dtype=np.float32)
+    w = np.ones((3, 64), dtype=np.float16)
+    for xp in (np, standin()):
+        engine = PortEngine(device_copy(random_model(seed=0), xp, "float16"), xp)
+        y = engine.linear(xp.asarray(x), xp.asarray(w))
+        y = y if xp is np else y.get()
+        assert y.dtype == np.float32
+        np.testing.assert_array_equal(y, np.full((2, 3), 70400.0, dtype=np.float32))
+        if xp is not np:
+            assert xp.calls["float16 matmul"] == 0
+
+
+@pytest.mark.parametrize("failure", ["raises", "disagrees"])
+def test_a_gemm_ex_that_fails_its_first_check_falls_back_to_the_widened_product(monkeypatch, failure):
+    """The direct cuBLAS call is checked once per process; raising or disagreeing, it is replaced by the widened
+    float32 product with one warning, and every later call takes the fallback silently."""
+    import types
+
+    import gpu.backend as backend
+
+    fake_cupy = types.ModuleType("cupy")  # is_cupy() reads the name; NumPy does the arithmetic
+    for name in ("asarray", "matmul", "allclose", "ascontiguousarray", "float32", "float16"):
+        setattr(fake_cupy, name, getattr(np, name))
+    calls = []
+
+    def broken(xp, a, b):
+        calls.append(a.shape)
+        if failure == "raises":
+            raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED")
+        return np.zeros((a.shape[0], b.shape[1]), dtype=np.float32)  # a wrong product
+
+    monkeypatch.setattr(backend, "_gemm_ex_f16_f32", broken)
+    monkeypatch.setattr(backend, "_GEMM_EX", {})
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((5, 7)).astype(np.float16), rng.standard_normal((7, 3)).astype(np.float16)
+    want = a.astype(np.float32) @ b.astype(np.float32)
+    with pytest.warns(RuntimeWarning, match="GemmEx .* not used"):
+        got = backend.matmul_f32(fake_cupy, a, b)
+    assert got.dtype == np.float32 and np.array_equal(got, want)
+    checked = len(calls)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(backend.matmul_f32(fake_cupy, a, b), want)
+    assert len(calls) == checked  # checked once, never called again
