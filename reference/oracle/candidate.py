@@ -164,6 +164,17 @@ def _bad(case: CaseInputs, where: str, what: str) -> OracleError:
     return OracleError(f"case {case.name}: {where}: {what}")
 
 
+def _distinct_prompt_positions(case, at: str, pos: np.ndarray, N: int, twice: str) -> np.ndarray:
+    """pos, sorted, after refusing a position outside [0, N) or one given twice ("position q is <twice>")."""
+    outside = [int(q) for q in pos if not 0 <= q < N]
+    if outside:
+        raise _bad(case, at, f"position {outside[0]} is outside the prompt [0, {N})")
+    uniq, counts = np.unique(pos, return_counts=True)
+    if (counts > 1).any():
+        raise _bad(case, at, f"position {int(uniq[counts > 1][0])} is {twice}")
+    return uniq
+
+
 def _number(x) -> float | str | None:
     if x is None:
         return None
@@ -201,12 +212,7 @@ def _check_kv(case, where: str, given, held: np.ndarray, H_kv: int) -> list[np.n
         pos = pos.astype(np.int64)
         if len(pos) > len(held):
             raise _bad(case, at, f"{len(pos)} positions cached, but the layer held {len(held)} tokens")
-        outside = [int(p) for p in pos if not 0 <= p < N]
-        if outside:
-            raise _bad(case, at, f"position {outside[0]} is outside the prompt [0, {N})")
-        uniq, counts = np.unique(pos, return_counts=True)
-        if (counts > 1).any():
-            raise _bad(case, at, f"position {int(uniq[counts > 1][0])} is cached twice (each position once)")
+        _distinct_prompt_positions(case, at, pos, N, "cached twice (each position once)")
         foreign = [int(p) for p in pos if int(p) not in held_set]
         if foreign:
             raise _bad(case, at, f"position {foreign[0]} was not among the {len(held)} tokens this layer held "
@@ -324,12 +330,7 @@ def _check_kept(case, p: dict, select_layer, kept_positions, L: int):
         raise _bad(case, "select_layer", f"is {select_layer}; expected a layer in [0, {L})")
     kept = np.asarray(kept_positions).astype(np.int64)
     at = f"kept_positions (selection layer {select_layer})"
-    outside = [int(q) for q in kept if not 0 <= q < N]
-    if outside:
-        raise _bad(case, at, f"position {outside[0]} is outside the prompt [0, {N})")
-    uniq, counts = np.unique(kept, return_counts=True)
-    if (counts > 1).any():
-        raise _bad(case, at, f"position {int(uniq[counts > 1][0])} is kept twice")
+    uniq = _distinct_prompt_positions(case, at, kept, N, "kept twice")
     if method.decides != "last-query" and N - 1 not in uniq:
         raise _bad(case, at, f"the last prompt token ({N - 1}) is not kept; {case.method} always keeps the window "
                    f"{N - w} .. {N - 1}")
