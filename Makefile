@@ -71,6 +71,8 @@ $(KVPRESS_VENV)/.stamp: examples/kvpress/requirements.txt pyproject.toml
 check-kvpress: $(KVPRESS_VENV)/.stamp
 	$(KVPRESS_VENV)/bin/asl fetch smollm2
 	$(KVPRESS_VENV)/bin/python examples/kvpress/kvpress_check.py --work out/kvpress
+	$(KVPRESS_VENV)/bin/python examples/kvpress/kvpress_check.py --work out/kvpress --stable-topk
+	$(KVPRESS_VENV)/bin/python examples/kvpress/kvpress_check.py --cases examples/kvpress/sweep.json --expected examples/kvpress/sweep-expected.json
 
 clean:
 	rm -rf $(VENV) $(KVPRESS_VENV) .pytest_cache .hypothesis .whl

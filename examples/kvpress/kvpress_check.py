@@ -15,6 +15,16 @@
 5. prints the verdict table and exits 0 only when every verdict is the documented one (`expected.json`,
    docs/integrations.md) and every planted bug was caught. A run that could not happen is NOT RUN, never a pass.
 
+    python examples/kvpress/kvpress_check.py --stable-topk                # SPEC's tie rule patched in: all PASS
+    python examples/kvpress/kvpress_check.py --cases examples/kvpress/sweep.json --expected examples/kvpress/sweep-expected.json
+
+--stable-topk replaces the one selection kvpress makes (`scores.topk(n_kept, dim=-1).indices` in
+`ScorerPress.compress`) by a stable sort, earlier positions first among equal scores (SPEC's tie rule); it
+runs every float32 case of --cases, no float64 run and no planted bug, and its rule replaces --expected:
+every verdict must be PASS. A --cases file without `_plants_on` runs no planted bug. --work defaults to
+out/kvpress for cases.json and to out/kvpress-STEM for any other cases file, so that the bundles of one
+never overwrite the other's (they are rewritten whenever a model's cases differ from the stamp).
+
 Needs its own environment (requirements.txt: kvpress pins transformers<5.3); `make check-kvpress` makes it.
 """
 
@@ -62,6 +72,40 @@ def compression_ratio(N: int, B: int) -> float:
     return 1.0 - (B + 0.5) / N
 
 
+class _StableTopk(torch.Tensor):
+    """kvpress's scores, whose `topk` is a stable sort: among equal scores the earlier position first (SPEC)."""
+
+    def topk(self, n_kept, dim=-1, *args, **kwargs):
+        if dim != -1 or args or kwargs:
+            raise OracleError(f"--stable-topk: kvpress called topk({n_kept}, dim={dim}, {args}, {kwargs}); "
+                              "the patch knows only scores.topk(n_kept, dim=-1)")
+        scores = self.as_subclass(torch.Tensor)
+        indices = torch.sort(-scores, stable=True).indices[..., :n_kept]  # the one-line replacement of topk
+        return argparse.Namespace(values=scores.gather(-1, indices), indices=indices)
+
+
+@contextlib.contextmanager
+def stable_topk(press, on: bool):
+    """For the duration of a run, the scores `press.score` returns select by a stable sort, not `topk`.
+
+    kvpress 0.5.5 selects in one place, `ScorerPress.compress`: `indices = scores.topk(n_kept, dim=-1).indices`
+    on the tensor `score` returned. Only that tensor's `topk` changes (this instance's `score` shadowed, as
+    `ScoreRecorder` does); kvpress's code, torch's `topk` and every other tensor stay as they are."""
+    if not on:
+        yield
+        return
+    shadowed = press.__dict__.get("score")  # ScoreRecorder's, when it is entered first
+    original = press.score
+    press.score = lambda *a, **k: original(*a, **k).as_subclass(_StableTopk)
+    try:
+        yield
+    finally:
+        if shadowed is None:
+            del press.score
+        else:
+            press.score = shadowed
+
+
 @contextlib.contextmanager
 def planted(bug: str | None):
     """Plant one bug in kvpress's SnapKVPress for the duration of a run (its module's F, nothing else)."""
@@ -86,7 +130,7 @@ def load_model(model_dir: Path, dtype: torch.dtype):
     return model.eval()
 
 
-def run_kvpress(model, case) -> dict:
+def run_kvpress(model, case, stable: bool = False) -> dict:
     """One case through SnapKVPress: the decisions the kit needs."""
     p, N = case.params, len(case.prompt_ids)
     w, s, B = p["window"], p["kernel"], p["kv_budget"]
@@ -97,7 +141,7 @@ def run_kvpress(model, case) -> dict:
     cache = DynamicCache()
     L = model.config.num_hidden_layers
     with torch.no_grad():
-        with CacheRecorder(cache) as rec, ScoreRecorder(press) as scored, press(model):
+        with CacheRecorder(cache) as rec, ScoreRecorder(press) as scored, stable_topk(press, stable), press(model):
             out = model(torch.tensor([case.prompt_ids]), past_key_values=cache)
         kept = rec.kept_positions(range(L))  # {layer: [(B,) per KV head]}, in kvpress's top-k order
         generated, steps, logits = [], [], out.logits[0, -1]
@@ -115,7 +159,7 @@ def run_kvpress(model, case) -> dict:
                 step_logits=steps)
 
 
-def candidates(bundle: Path, out: Path, dtype: str, bug: str | None) -> list[str]:
+def candidates(bundle: Path, out: Path, dtype: str, bug: str | None, stable: bool = False) -> list[str]:
     """kvpress on every SnapKV case of the bundle; the kit writes each candidate. Returns the cases written."""
     written = []
     models = {}
@@ -124,7 +168,7 @@ def candidates(bundle: Path, out: Path, dtype: str, bug: str | None) -> list[str
             models[case.model] = load_model(case.model_dir(), DTYPES[dtype])
         model = models[case.model]
         with planted(bug):
-            decided = run_kvpress(model, case)
+            decided = run_kvpress(model, case, stable)
         trace, arrays = build_candidate(case, model_shape(model.config), dtype=dtype, **decided)
         write_candidate(out, case, trace, arrays)
         written.append(case.name)
@@ -162,29 +206,45 @@ def classify(result) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="The verdicts and their causes: docs/integrations.md.")
-    ap.add_argument("--work", type=Path, default=Path("out/kvpress"), help="bundles and candidates go here")
+    ap.add_argument("--work", type=Path, help="bundles and candidates go here (default: out/kvpress for "
+                    "cases.json, out/kvpress-STEM for another --cases file)")
     ap.add_argument("--cases", type=Path, default=HERE / "cases.json", help="the kvpress-profile cases per model")
-    ap.add_argument("--expected", type=Path, default=HERE / "expected.json", help="the documented verdicts")
+    ap.add_argument("--expected", type=Path, help="the documented verdicts (default: expected.json)")
     ap.add_argument("--models", nargs="*", help="only these models (default: every model in --cases)")
     ap.add_argument("--plant", choices=sorted(PLANTS), help="one run with this bug planted, judged, nothing else")
+    ap.add_argument("--stable-topk", action="store_true",
+                    help="kvpress selects by a stable sort (SPEC's tie rule) in place of topk; every float32 "
+                    "case of --cases runs and must PASS (no float64, no planted bug, no --expected)")
     args = ap.parse_args(argv)
+    if args.stable_topk and (args.expected or args.plant):
+        ap.error("--stable-topk has its own rule (every float32 verdict PASS): no --expected, no --plant")
     hf_logging.disable_progress_bar()
     torch.set_num_threads(1)  # tiny matrices: torch's thread pool costs more than it gains
     spec = json.loads(args.cases.read_text())
-    expected = json.loads(args.expected.read_text())
+    if args.work is None:
+        default_cases = args.cases.resolve() == (HERE / "cases.json").resolve()
+        args.work = Path("out/kvpress" if default_cases else f"out/kvpress-{args.cases.stem}")
     models = args.models or [m for m in spec if not m.startswith("_")]
-    runs = [(m, dt, None) for m in models for dt in spec["_dtypes"].get(m, ["float32"])]
-    runs += [(spec["_plants_on"], "float32", bug) for bug in PLANTS]
+    if args.stable_topk:  # the rule: every float32 case of every model run, PASS
+        expected = {f"{m}-{c['name']}@float32": {"verdict": "PASS", "field": None} for m in models for c in spec[m]}
+        runs = [(m, "float32", None) for m in models]
+    else:
+        expected = json.loads((args.expected or HERE / "expected.json").read_text())
+        runs = [(m, dt, None) for m in models for dt in spec["_dtypes"].get(m, ["float32"])]
+        if "_plants_on" in spec:
+            runs += [(spec["_plants_on"], "float32", bug) for bug in PLANTS]
     if args.plant:
+        if "_plants_on" not in spec:
+            ap.error(f"--plant: {args.cases} names no model to plant on (_plants_on)")
         runs = [(spec["_plants_on"], "float32", args.plant)]
     rows, ok = [], True
     for model, dtype, bug in runs:
         started = time.time()
-        label = f"{model} {dtype}" + (f" planted:{bug}" if bug else "")
+        label = f"{model} {dtype}" + (f" planted:{bug}" if bug else "") + (" stable-topk" if args.stable_topk else "")
         try:
             bundle = bundle_for(model, spec, args.work)
             cand = args.work / "candidates" / (label.replace(" ", "_").replace(":", "-"))
-            candidates(bundle, cand, dtype, bug)
+            candidates(bundle, cand, dtype, bug, args.stable_topk)
             results = check(cand, bundle, methods=("snapkv",))
         except (OracleError, RuntimeError, AssertionError, ValueError, KeyError) as e:
             rows.append((label, "*", "NOT RUN", str(e).split("\n")[0], False))
@@ -216,7 +276,9 @@ def main(argv=None) -> int:
     print(f"\n{'run':<56} {'case':<14} {'verdict':<22} detail")
     for label, case, verdict, detail, match in rows:
         print(f"{label:<56} {case:<14} {verdict:<22} {detail[:160]}")
-    print(f"\nkvpress check: {'every verdict as documented (docs/integrations.md)' if ok else 'DIFFERS from the documented verdicts, or a run did not happen'}")
+    documented = ("every float32 verdict PASS, as --stable-topk requires" if args.stable_topk else
+                  f"every verdict as documented ({args.expected or 'expected.json'}, docs/integrations.md)")
+    print(f"\nkvpress check: {documented if ok else 'DIFFERS from the documented verdicts, or a run did not happen'}")
     return 0 if ok else 1
 
 
