@@ -119,6 +119,11 @@ def _gemm_ex_works(cupy) -> bool:
     return _GEMM_EX["ok"]
 
 
+def gemm_ex_status() -> bool | None:
+    """True / False: the direct cuBLAS call passed / failed its check in this process; None: not checked yet."""
+    return _GEMM_EX.get("ok")
+
+
 def _cublas_operand(x):
     """A row-major matrix x (r, c) as cuBLAS's column-major operand x^T: (x, op, leading dimension)."""
     from cupy_backends.cuda.libs import cublas

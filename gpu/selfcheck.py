@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpu.backend import get_xp, is_cupy
+from gpu.backend import gemm_ex_status, get_xp, is_cupy
 from gpu.engine import PortEngine
 from gpu.loader import load_device_weights, random_device_weights
 from reference.asl.generate import generate
@@ -78,9 +78,18 @@ class Report:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
+    def write_markdown(self) -> None:
+        """OUT/gpu-results.md from what has landed so far (rewritten with every result: a killed run keeps it)."""
+        try:
+            text = markdown(self.data)
+        except Exception as e:  # a report that cannot be rendered must not stop the check
+            text = f"# Device check results\n\nThe report could not be rendered ({type(e).__name__}: {e}); see results.json.\n"
+        (self.out / "gpu-results.md").write_text(text)
+
     def put(self, key: str, value) -> None:
         self.data[key] = value
         (self.out / "results.json").write_text(json.dumps(self.data, indent=1, default=str) + "\n")
+        self.write_markdown()
         print(f"[{self.elapsed():6.1f} s] {key}: {json.dumps(value, default=str)[:300]}", flush=True)
 
 
@@ -102,7 +111,7 @@ def environment(xp) -> dict:
                 "CUPY_TF32": os.environ.get("CUPY_TF32", "0"),
                 "attention_gemms": "2-D per KV head, float32 operands: "
                                    + ("TF32 tensor cores" if os.environ.get("CUPY_TF32", "0") != "0" else "FP32"),
-                "linear_gemms": "cuBLAS GemmEx, float16 operands, float32 accumulation and output"}
+                "linear_gemms": "float16 operands, float32 accumulation and output (path: linear_gemm_path)"}
     else:
         blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
         env |= {"device": f"CPU ({os.cpu_count()} cores)", "blas": f"{blas.get('name')} {blas.get('version')}"}
@@ -117,14 +126,16 @@ def environment(xp) -> dict:
 
 
 AGREEMENT_SELECTION = "cupy and not goldens"  # the device variants; the NumPy ones run in the suite, the goldens in step 3
+AGREEMENT_FILES = ("test_port_agreement.py", "test_cupy_namespace.py")
 
 
 def run_agreement_tests(report: Report, timeout_s: float) -> None:
     root = Path(__file__).resolve().parent.parent
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", AGREEMENT_SELECTION,
-           str(root / "tests" / "test_port_agreement.py")]
+           *(str(root / "tests" / name) for name in AGREEMENT_FILES)]
+    env = dict(os.environ, CUPY_TF32="0")  # the agreement tolerances are float32's; TF32 rounds operands to 10 bits
     try:
-        done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout_s, env=env)
         (report.out / "agreement.log").write_text(done.stdout + done.stderr)
         report.put("agreement", {"returncode": done.returncode, "summary": done.stdout.strip().splitlines()[-1:]})
     except subprocess.TimeoutExpired as e:
@@ -204,7 +215,8 @@ def predicted_seconds(done: list[tuple[int, float]], n: int) -> float | None:
 
 
 def out_of_memory(e: Exception) -> bool:
-    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
+    text = str(e).lower()
+    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in text or "alloc_failed" in text
 
 
 def port_point(xp, weights, cfg, n_tokens: int, method: str, params, decode_tokens: int) -> dict:
@@ -303,6 +315,10 @@ def run_benchmark(report: Report, xp, small: bool, lengths: list[int], weight_dt
     report.put("linear", {"weight_dtype": weight_dtype, "tflops": round(linear, 2),
                           "fraction_of_gemm_rate": round(linear / gemm, 3)})
     points, done, forced = [], [], None  # done: (tokens, seconds) of every length measured
+    try:  # torch's CUDA start-up, once, outside every timing (it would pollute the first length's cost)
+        torch_point(cfg, 128, on_gpu)
+    except Exception as e:
+        report.put("torch_warm_up", f"{type(e).__name__}: {str(e)[:200]}")
     for n in sorted(lengths):
         guess = predicted_seconds(done, n)
         if report.elapsed() + (guess or 0.0) > budget_s:
@@ -311,21 +327,19 @@ def run_benchmark(report: Report, xp, small: bool, lengths: list[int], weight_dt
             points.append({"tokens": n, "skipped": why})
             report.put("benchmark", points)
             continue
-        start = time.perf_counter()
         point = {"tokens": n}
         points.append(point)
         try:
-            if forced is None:  # does the criterion fire on random weights? asked once, on a short prompt
-                probe = port_point(xp, weights, cfg, min(n, 2048), "asl", asl, 0)
+            if forced is None:  # does the criterion fire on random weights? asked once, on a short prompt, untimed
+                probe = port_point(xp, weights, cfg, min(n, 2048), "asl", asl, 0)  # (it also compiles the kernels)
                 forced = probe["select_layer"] is None
                 report.put("asl_probe", {"tokens": min(n, 2048), "select_layer": probe["select_layer"], "forced": forced})
             label = f"asl (forced at layer {asl.select_layer} via fastkv)" if forced else "asl"
+            start = time.perf_counter()
             point["full"] = port_point(xp, weights, cfg, n, "full", asl, 4)
             report.put("benchmark", points)
             point["asl"] = port_point(xp, weights, cfg, n, "fastkv" if forced else "asl", asl, 4) | {"label": label}
             report.put("benchmark", points)
-            peak_memory_reset(xp)  # CuPy's pool gives its blocks back before torch allocates
-            peer = torch_point(cfg, n, on_gpu)
         except Exception as e:
             if not out_of_memory(e):
                 raise
@@ -333,15 +347,31 @@ def run_benchmark(report: Report, xp, small: bool, lengths: list[int], weight_dt
             report.put("benchmark", points)
             peak_memory_reset(xp)
             continue
+        peak_memory_reset(xp)  # CuPy's pool gives its blocks back before torch allocates
+        try:
+            peer = torch_point(cfg, n, on_gpu)
+        except Exception as e:  # the peer's failure (its memory, say) is its row's, not the port's
+            peer = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            _torch_free_cache()
         full, one_shot = point["full"], point["asl"]
         point |= {"torch_sdpa": peer,
-                  "full_vs_torch": None if peer is None else round(full["prefill_s"] / peer["prefill_s"], 2),
+                  "full_vs_torch": round(full["prefill_s"] / peer["prefill_s"], 2) if peer and "prefill_s" in peer else None,
                   "asl_time_saved": round(1 - one_shot["prefill_s"] / full["prefill_s"], 3),
                   "asl_flops_saved": round(1 - one_shot["prefill_flops"] / full["prefill_flops"], 3),
                   "full_fraction_of_gemm_rate": round(full["tflops"] / gemm, 3)}
         done.append((n, time.perf_counter() - start))
         point["seconds"] = round(done[-1][1], 1)
         report.put("benchmark", points)
+
+
+def _torch_free_cache() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
 
 
 def markdown(data: dict) -> str:
@@ -358,6 +388,8 @@ def markdown(data: dict) -> str:
     if "gemm_tflops" in data:
         lines += [f"GEMM rate measured in the same run: {data['gemm_tflops']['tflops']} TFLOP/s "
                   f"({data['gemm_tflops']['dtype']})", ""]
+    if "linear_gemm_path" in data:
+        lines += [f"Linear layers' GEMM path: {data['linear_gemm_path']}", ""]
     if "linear" in data:
         lines += [f"The port's linear layer ({data['linear']['weight_dtype']} weights, float32 out): "
                   f"{data['linear']['tflops']} TFLOP/s, {data['linear']['fraction_of_gemm_rate']} of the GEMM rate", ""]
@@ -366,14 +398,16 @@ def markdown(data: dict) -> str:
                   "decode ms/token | peak GiB (full) | asl time saved | asl FLOPs saved |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for p in data["benchmark"]:
-            if "skipped" in p or "asl" not in p:
+            full, one_shot, t = p.get("full") or {}, p.get("asl") or {}, p.get("torch_sdpa") or {}
+            if not full:
                 lines.append(f"| {p['tokens']} | {p.get('skipped', 'incomplete')} | | | | | | | | |")
                 continue
-            t = p["torch_sdpa"] or {}
-            lines.append(f"| {p['tokens']} | {p['full']['prefill_s']} | {p['asl']['prefill_s']} | {t.get('prefill_s', '-')} | "
-                         f"{p['full_vs_torch'] or '-'} | {p['full']['tflops']} | {p['full']['decode_ms_per_token']} | "
-                         f"{p['full']['peak_memory_gib']} | {p['asl_time_saved']} | {p['asl_flops_saved']} |")
-        labels = {p["asl"]["label"] for p in data["benchmark"] if "asl" in p}
+            peer = t.get("prefill_s", t.get("error", "-"))
+            lines.append(f"| {p['tokens']} | {full.get('prefill_s')} | {one_shot.get('prefill_s', p.get('skipped', '-'))} | "
+                         f"{peer} | {p.get('full_vs_torch') or '-'} | {full.get('tflops')} | "
+                         f"{full.get('decode_ms_per_token')} | {full.get('peak_memory_gib')} | "
+                         f"{p.get('asl_time_saved', '-')} | {p.get('asl_flops_saved', '-')} |")
+        labels = {p["asl"].get("label", "asl") for p in data["benchmark"] if p.get("asl")}
         lines += ["", f"ASL column: {', '.join(sorted(labels))}."]
     return "\n".join(lines) + "\n"
 
@@ -413,9 +447,14 @@ def main(argv=None) -> int:
                 with open(args.out / "errors.log", "a") as log:
                     log.write(f"--- {name}\n{traceback.format_exc()}\n")
     finally:
-        (args.out / "gpu-results.md").write_text(markdown(report.data))
+        if is_cupy(xp):  # known only once a float16 layer ran: the GemmEx check's outcome
+            report.put("linear_gemm_path", {True: "cuBLAS GemmEx (float16 in, float32 out, tensor cores)",
+                                            False: "widened float32 matmul: GemmEx failed its check (see the warning)",
+                                            None: "no float16 layer ran"}[gemm_ex_status()])
+        report.write_markdown()
         print(f"results in {args.out}/results.json and {args.out}/gpu-results.md ({report.elapsed():.0f} s)")
-    failed = (broken or report.data.get("agreement", {}).get("returncode") not in (None, 0)
+    agreement = report.data.get("agreement", {"returncode": 0})  # absent with --skip-pytest; None: timed out
+    failed = (broken or agreement["returncode"] != 0
               or report.data.get("goldens", {}).get("counts", {}).get("FAIL"))
     return 1 if failed else 0
 

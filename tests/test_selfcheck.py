@@ -55,3 +55,59 @@ def test_the_cost_prediction_follows_its_model():
     a, b = 0.01, 0.0003  # t = a·n + b·n², through two points, predicts a third
     t = lambda n: a * n + b * n * n  # noqa: E731
     assert abs(predicted_seconds([(100, t(100)), (200, t(200))], 1000) - t(1000)) < 1e-9
+
+
+def test_a_partial_point_and_a_failed_peer_still_render(tmp_path):
+    """A length whose peer raised, or that ran out of memory after `full`, still makes a report row."""
+    from gpu.selfcheck import markdown
+
+    full = {"prefill_s": 1.5, "tflops": 3.0, "decode_ms_per_token": 2.0, "peak_memory_gib": 1.0}
+    text = markdown({"benchmark": [
+        {"tokens": 100, "full": full, "asl": dict(full, prefill_s=1.0, label="asl"),
+         "torch_sdpa": {"error": "RuntimeError: boom"}, "full_vs_torch": None, "asl_time_saved": 0.33,
+         "asl_flops_saved": 0.4},
+        {"tokens": 200, "full": full, "skipped": "out of device memory (OutOfMemoryError)"},
+        {"tokens": 400, "skipped": "time budget of 1 s: reached"}]})
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 3
+    assert "RuntimeError: boom" in rows[0] and "| 1.5 | 1.0 |" in rows[0]
+    assert "out of device memory" in rows[1] and "| 1.5 |" in rows[1]
+    assert "time budget" in rows[2]
+
+
+def test_the_agreement_step_runs_without_tf32_and_includes_the_namespace_check(tmp_path, monkeypatch):
+    import gpu.selfcheck as sc
+
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen.update(cmd=cmd, env=kwargs["env"])
+        return subprocess.CompletedProcess(cmd, 0, stdout="1 passed\n", stderr="")
+
+    monkeypatch.setenv("CUPY_TF32", "1")
+    monkeypatch.setattr(sc.subprocess, "run", fake_run)
+    sc.run_agreement_tests(sc.Report(tmp_path), 10.0)
+    assert seen["env"]["CUPY_TF32"] == "0"
+    assert any(c.endswith("test_cupy_namespace.py") for c in seen["cmd"])
+    assert any(c.endswith("test_port_agreement.py") for c in seen["cmd"])
+
+
+def test_an_agreement_timeout_fails_the_check_and_a_failing_peer_does_not_stop_the_benchmark(tmp_path, monkeypatch):
+    import gpu.selfcheck as sc
+
+    def timed_out(report, timeout_s):
+        report.put("agreement", {"returncode": None, "summary": ["timed out after 1 s"]})
+
+    def peer_fails(cfg, n, on_gpu):
+        raise RuntimeError("the peer broke")
+
+    monkeypatch.setattr(sc, "run_agreement_tests", timed_out)
+    monkeypatch.setattr(sc, "run_goldens", lambda report, xp, weight_dtype: None)
+    monkeypatch.setattr(sc, "torch_point", peer_fails)
+    out = tmp_path / "sc"
+    assert sc.main(["--backend", "numpy", "--small", "--out", str(out), "--lengths", "64", "96"]) == 1
+    data = json.loads((out / "results.json").read_text())
+    assert [p["tokens"] for p in data["benchmark"]] == [64, 96]  # both lengths measured despite the peer
+    assert all(p["torch_sdpa"] == {"error": "RuntimeError: the peer broke"} and p["full"]["prefill_s"] > 0
+               for p in data["benchmark"])
+    assert "timed out" in (out / "gpu-results.md").read_text()
