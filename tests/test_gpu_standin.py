@@ -160,3 +160,82 @@ def test_a_gemm_ex_that_fails_its_first_check_falls_back_to_the_widened_product(
         warnings.simplefilter("error")
         assert np.array_equal(backend.matmul_f32(fake_cupy, a, b), want)
     assert len(calls) == checked  # checked once, never called again
+
+
+class _DeviceBuffer:
+    """A NumPy array dressed as a CuPy one for the cuBLAS call: shape, flags, copy, fill, data.ptr."""
+
+    def __init__(self, a: np.ndarray):
+        self.a = a
+        self.shape, self.flags, self.dtype = a.shape, a.flags, a.dtype
+        self.data = type("Memory", (), {"ptr": a.ctypes.data})()
+
+    def copy(self):
+        return _DeviceBuffer(self.a.copy())
+
+    def fill(self, value):
+        self.a.fill(value)
+
+
+def _column_major(ptr: int, rows: int, cols: int, ld: int, dtype) -> np.ndarray:
+    """The rows × cols matrix cuBLAS reads at ptr: element (i, j) at ptr + (i + j·ld) elements."""
+    import ctypes
+
+    itemsize = np.dtype(dtype).itemsize
+    flat = np.ctypeslib.as_array((ctypes.c_uint8 * (((cols - 1) * ld + rows) * itemsize)).from_address(ptr))
+    flat = flat.view(dtype)
+    return np.stack([flat[j * ld : j * ld + rows] for j in range(cols)], axis=1)
+
+
+def test_the_float16_gemm_call_passes_cublas_the_right_operands(monkeypatch):
+    """gpu.backend's GemmEx call, run against a cuBLAS stand-in that reads memory column-major as cuBLAS does:
+    operand order, transposes and leading dimensions give a @ b for C- and F-ordered operands, one-row and
+    one-column shapes and a strided view (copied first)."""
+    import ctypes
+    import sys
+    import types
+
+    import gpu.backend as backend
+
+    OP_N, OP_T, R_16F, R_32F = 0, 1, 2, 0
+
+    def gemm_ex(handle, transa, transb, m, n, k, alpha, A, a_type, lda, B, b_type, ldb, beta, C, c_type, ldc,
+                compute, algo):
+        assert (a_type, b_type, c_type) == (R_16F, R_16F, R_32F)
+        op = lambda ptr, trans, rows, cols, ld: (  # noqa: E731  op(X) is rows × cols
+            _column_major(ptr, rows, cols, ld, np.float16) if trans == OP_N
+            else _column_major(ptr, cols, rows, ld, np.float16).T)
+        a32 = op(A, transa, m, k, lda).astype(np.float32)
+        b32 = op(B, transb, k, n, ldb).astype(np.float32)
+        scalar = lambda ptr: ctypes.c_float.from_address(ptr).value  # noqa: E731  host pointer mode
+        assert scalar(beta) == 0.0  # C is written, not accumulated into
+        product = scalar(alpha) * (a32 @ b32)
+        base = np.ctypeslib.as_array((ctypes.c_float * ((n - 1) * ldc + m)).from_address(C))
+        for j in range(n):
+            base[j * ldc : j * ldc + m] = product[:, j]
+
+    cublas = types.SimpleNamespace(gemmEx=gemm_ex, CUBLAS_OP_N=OP_N, CUBLAS_OP_T=OP_T, CUBLAS_COMPUTE_32F=68,
+                                   CUBLAS_GEMM_DEFAULT_TENSOR_OP=99)
+    modules = {"cupy_backends": types.ModuleType("cupy_backends"),
+               "cupy_backends.cuda": types.ModuleType("cupy_backends.cuda"),
+               "cupy_backends.cuda.libs": types.SimpleNamespace(cublas=cublas),
+               "cupy_backends.cuda.libs.cublas": cublas,
+               "cupy": types.ModuleType("cupy"),
+               "cupy.cuda": types.SimpleNamespace(device=types.SimpleNamespace(get_cublas_handle=lambda: 0),
+                                                  runtime=types.SimpleNamespace(CUDA_R_16F=R_16F, CUDA_R_32F=R_32F))}
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    fake_cupy = types.SimpleNamespace(empty=lambda shape, dtype: _DeviceBuffer(np.empty(shape, dtype=dtype)))
+
+    rng = np.random.default_rng(4)
+    for m, k, n in [(37, 50, 29), (1, 50, 29), (37, 50, 1), (8, 3, 5)]:
+        a = rng.standard_normal((m, k)).astype(np.float16)
+        w = rng.standard_normal((n, k)).astype(np.float16)  # a weight (out, in): the port multiplies by w.T
+        for b in (w.T, np.ascontiguousarray(w.T)):
+            got = backend._gemm_ex_f16_f32(fake_cupy, _DeviceBuffer(a), _DeviceBuffer(b)).a
+            assert got.dtype == np.float32 and got.shape == (m, n)
+            np.testing.assert_allclose(got, a.astype(np.float32) @ b.astype(np.float32), rtol=1e-5, atol=1e-5)
+    strided = rng.standard_normal((20, 60)).astype(np.float16)[::2, ::3]  # neither C- nor F-ordered
+    b = rng.standard_normal((20, 7)).astype(np.float16)
+    got = backend._gemm_ex_f16_f32(fake_cupy, _DeviceBuffer(strided), _DeviceBuffer(b)).a
+    np.testing.assert_allclose(got, strided.astype(np.float32) @ b.astype(np.float32), rtol=1e-5, atol=1e-5)
