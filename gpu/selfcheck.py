@@ -219,9 +219,9 @@ def out_of_memory(e: Exception) -> bool:
     return type(e).__name__ == "OutOfMemoryError" or "out of memory" in text or "alloc_failed" in text
 
 
-def port_point(xp, weights, cfg, n_tokens: int, method: str, params, decode_tokens: int) -> dict:
+def port_point(xp, weights, cfg, n_tokens: int, method: str, params, decode_tokens: int, blocks=None) -> dict:
     ids = np.random.default_rng(n_tokens).integers(0, cfg.vocab_size, n_tokens)
-    engine = PortEngine(weights, xp)
+    engine = PortEngine(weights, xp, **(blocks or {}))
     peak_memory_reset(xp)
     sync(xp)
     start = time.perf_counter()
@@ -304,7 +304,9 @@ def torch_point(cfg, n_tokens: int, on_gpu: bool) -> dict | None:
             "dtype": str(dt)}
 
 
-def run_benchmark(report: Report, xp, small: bool, lengths: list[int], weight_dtype: str, budget_s: float) -> None:
+def run_benchmark(report: Report, xp, small: bool, lengths: list[int], weight_dtype: str, budget_s: float,
+                  blocks: dict | None = None) -> None:
+    """blocks: PortEngine's block_q / block_k where given (the engine's defaults otherwise)."""
     cfg = parse_config(SMALL if small else LLAMA_31_8B)
     weights = random_device_weights(cfg, xp, weight_dtype)
     asl = Params(**SMALL_ASL_PARAMS) if small else Params()  # the authors' defaults at full size
@@ -331,14 +333,14 @@ def run_benchmark(report: Report, xp, small: bool, lengths: list[int], weight_dt
         points.append(point)
         try:
             if forced is None:  # does the criterion fire on random weights? asked once, on a short prompt, untimed
-                probe = port_point(xp, weights, cfg, min(n, 2048), "asl", asl, 0)  # (it also compiles the kernels)
+                probe = port_point(xp, weights, cfg, min(n, 2048), "asl", asl, 0, blocks)  # (it also compiles the kernels)
                 forced = probe["select_layer"] is None
                 report.put("asl_probe", {"tokens": min(n, 2048), "select_layer": probe["select_layer"], "forced": forced})
             label = f"asl (forced at layer {asl.select_layer} via fastkv)" if forced else "asl"
             start = time.perf_counter()
-            point["full"] = port_point(xp, weights, cfg, n, "full", asl, 4)
+            point["full"] = port_point(xp, weights, cfg, n, "full", asl, 4, blocks)
             report.put("benchmark", points)
-            point["asl"] = port_point(xp, weights, cfg, n, "fastkv" if forced else "asl", asl, 4) | {"label": label}
+            point["asl"] = port_point(xp, weights, cfg, n, "fastkv" if forced else "asl", asl, 4, blocks) | {"label": label}
             report.put("benchmark", points)
         except Exception as e:
             if not out_of_memory(e):
@@ -423,8 +425,16 @@ def main(argv=None) -> int:
                         help="start no length predicted to end after this many seconds (default 420: the whole "
                              "check within 8 minutes)")
     parser.add_argument("--skip-pytest", action="store_true", help="leave out the pytest agreement step")
+    parser.add_argument("--block-q", type=int, default=None, metavar="N",
+                        help="the port's query block (default: the engine's, 512 on a GPU); a first GPU run may try others")
+    parser.add_argument("--block-k", type=int, default=None, metavar="N",
+                        help="the port's key block (default: the engine's, 4096 on a GPU)")
     parser.add_argument("--no-tf32", action="store_true", help="CuPy: keep float32 GEMMs off TF32 tensor cores")
     args = parser.parse_args(argv)
+    for flag, value in (("--block-q", args.block_q), ("--block-k", args.block_k)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be a positive number of tokens, got {value}")
+    blocks = {k: v for k, v in (("block_q", args.block_q), ("block_k", args.block_k)) if v is not None}
     if not args.no_tf32:
         os.environ.setdefault("CUPY_TF32", "1")  # read by CuPy at import: float32 GEMMs on tensor cores
 
@@ -432,10 +442,10 @@ def main(argv=None) -> int:
     weight_dtype = "float16" if is_cupy(xp) else "float32"
     lengths = args.lengths or ([256, 512] if args.small else [16384, 32768, 131072])
     report = Report(args.out)
-    report.put("environment", environment(xp))
+    report.put("environment", environment(xp) | {"blocks": blocks or "the engine's defaults"})
     steps = [] if args.skip_pytest else [("agreement", lambda: run_agreement_tests(report, max(30.0, args.budget_s / 4)))]
     steps += [("goldens", lambda: run_goldens(report, xp, weight_dtype)),
-              ("benchmark", lambda: run_benchmark(report, xp, args.small, lengths, weight_dtype, args.budget_s))]
+              ("benchmark", lambda: run_benchmark(report, xp, args.small, lengths, weight_dtype, args.budget_s, blocks))]
     broken = []
     try:
         for name, step in steps:

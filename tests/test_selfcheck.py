@@ -111,3 +111,28 @@ def test_an_agreement_timeout_fails_the_check_and_a_failing_peer_does_not_stop_t
     assert all(p["torch_sdpa"] == {"error": "RuntimeError: the peer broke"} and p["full"]["prefill_s"] > 0
                for p in data["benchmark"])
     assert "timed out" in (out / "gpu-results.md").read_text()
+
+
+def test_the_block_sizes_reach_the_benchmarked_engine(tmp_path, monkeypatch):
+    import gpu.selfcheck as sc
+
+    built = []
+    real = sc.PortEngine
+
+    def recording(weights, xp, **kwargs):
+        engine = real(weights, xp, **kwargs)
+        built.append((engine.block_q, engine.block_k))
+        return engine
+
+    monkeypatch.setattr(sc, "PortEngine", recording)
+    monkeypatch.setattr(sc, "run_goldens", lambda report, xp, weight_dtype: None)
+    monkeypatch.setattr(sc, "torch_point", lambda cfg, n, on_gpu: None)
+    out = tmp_path / "sc"
+    assert sc.main(["--backend", "numpy", "--small", "--skip-pytest", "--out", str(out), "--lengths", "64",
+                    "--block-q", "16", "--block-k", "48"]) == 0
+    assert (16, 48) in built and json.loads((out / "results.json").read_text())["environment"]["blocks"] == {
+        "block_q": 16, "block_k": 48}
+    assert built.count((16, 48)) >= 3  # the probe, full and ASL
+    done = subprocess.run([sys.executable, "-m", "gpu.selfcheck", "--block-q", "0", "--out", str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--block-q must be a positive" in done.stderr
