@@ -36,6 +36,17 @@ TINY32 = np.float32(np.finfo(np.float32).tiny)  # 2^-126: below it CuPy's float3
 HOST_ONLY = ("asarray", "array", "ascontiguousarray")  # the ways onto the device: host arrays welcome
 
 
+def _to_host(kind: str, convert):
+    """A StandinArray method that copies to the host: the stand-in counts it as one sync of `kind`."""
+
+    def method(self):
+        self._xp._sync(kind)
+        return convert(self._a)
+
+    method.__name__ = kind
+    return method
+
+
 class StandinArray:
     """A device array: a NumPy array only the stand-in's functions may read."""
 
@@ -53,29 +64,13 @@ class StandinArray:
         self._xp._sync("get")
         return self._a.copy()
 
-    def item(self):
-        self._xp._sync("item")
-        return self._a.item()
-
-    def tolist(self):
-        self._xp._sync("tolist")
-        return self._a.tolist()
-
-    def __float__(self):
-        self._xp._sync("float")
-        return float(self._a)
-
-    def __int__(self):
-        self._xp._sync("int")
-        return int(self._a)
-
-    def __index__(self):
-        self._xp._sync("index")
-        return self._a.__index__()
-
-    def __bool__(self):
-        self._xp._sync("bool")
-        return bool(self._a)
+    # each a device-to-host copy, counted under its name
+    item = _to_host("item", lambda a: a.item())
+    tolist = _to_host("tolist", lambda a: a.tolist())
+    __float__ = _to_host("float", float)
+    __int__ = _to_host("int", int)
+    __index__ = _to_host("index", lambda a: a.__index__())
+    __bool__ = _to_host("bool", bool)
 
     def __repr__(self):
         return f"StandinArray(shape={self._a.shape}, dtype={self._a.dtype})"
