@@ -215,3 +215,36 @@ def test_the_cache_recorder_reads_back_what_a_compressor_kept():
     cache.layers[3].keys[0, 1, 4] += 1.0  # a row the library changed can no longer be placed
     with pytest.raises(OracleError, match=r"layer 3, KV head 1: cache row 4 matches no key"):
         rec.kept_positions([3])
+
+
+def test_recorders_nest_in_any_order_and_undo_only_their_own_shadow():
+    """ScoreRecorder records what a press's `score` returned per layer; nested with another shadow of the same
+    method (kvpress_check's --stable-topk), each exit restores what was there before it, in either order."""
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from reference.oracle.hf_recorder import ScoreRecorder, shadow
+
+    class Press:
+        def score(self, module, x):
+            return x * 2
+
+    press, layer = Press(), SimpleNamespace(layer_idx=3)
+    x = torch.arange(6.0).reshape(1, 2, 3)
+    for outer_first in (True, False):
+        if outer_first:
+            with ScoreRecorder(press) as rec:
+                inner = press.score
+                restore = shadow(press, "score", lambda m, t: inner(m, t) + 1)
+                assert np.array_equal(press.score(layer, x).numpy(), x.numpy() * 2 + 1)
+                restore()
+                assert press.score is not None and "score" in press.__dict__  # the recorder's shadow is back
+        else:
+            outer = press.score
+            restore = shadow(press, "score", lambda m, t: outer(m, t) + 1)
+            with ScoreRecorder(press) as rec:
+                assert np.array_equal(press.score(layer, x).numpy(), x.numpy() * 2 + 1)
+            assert "score" in press.__dict__  # the outer shadow survives the recorder's exit
+            restore()
+        assert "score" not in press.__dict__ and np.array_equal(press.score(layer, x).numpy(), x.numpy() * 2)
+        assert set(rec.scores) == {3} and rec.scores[3].shape == (2, 3)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
 import time
@@ -54,7 +55,7 @@ from reference.oracle.candidate import (
     read_cases,
     write_candidate,
 )
-from reference.oracle.hf_recorder import CacheRecorder, ScoreRecorder
+from reference.oracle.hf_recorder import CacheRecorder, ScoreRecorder, shadow
 
 HERE = Path(__file__).resolve().parent
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -94,16 +95,12 @@ def stable_topk(press, on: bool):
     if not on:
         yield
         return
-    shadowed = press.__dict__.get("score")  # ScoreRecorder's, when it is entered first
     original = press.score
-    press.score = lambda *a, **k: original(*a, **k).as_subclass(_StableTopk)
+    restore = shadow(press, "score", lambda *a, **k: original(*a, **k).as_subclass(_StableTopk))
     try:
         yield
     finally:
-        if shadowed is None:
-            del press.score
-        else:
-            press.score = shadowed
+        restore()
 
 
 @contextlib.contextmanager
@@ -125,8 +122,10 @@ def planted(bug: str | None):
         snapkv_press.F = original
 
 
-def load_model(model_dir: Path, dtype: torch.dtype):
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa")
+@functools.lru_cache(maxsize=None)
+def load_model(model_dir: str, dtype: str):
+    """Each checkpoint once per dtype for the whole check (the planted bugs patch kvpress, not the model)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype], attn_implementation="sdpa")
     return model.eval()
 
 
@@ -162,11 +161,8 @@ def run_kvpress(model, case, stable: bool = False) -> dict:
 def candidates(bundle: Path, out: Path, dtype: str, bug: str | None, stable: bool = False) -> list[str]:
     """kvpress on every SnapKV case of the bundle; the kit writes each candidate. Returns the cases written."""
     written = []
-    models = {}
     for case in read_cases(bundle, methods=("snapkv",)):
-        if case.model not in models:
-            models[case.model] = load_model(case.model_dir(), DTYPES[dtype])
-        model = models[case.model]
+        model = load_model(str(case.model_dir()), dtype)
         with planted(bug):
             decided = run_kvpress(model, case, stable)
         trace, arrays = build_candidate(case, model_shape(model.config), dtype=dtype, **decided)
@@ -251,8 +247,8 @@ def main(argv=None) -> int:
             ok = False
             continue
         if bug:
-            failed = [r for r in results if classify(r)["verdict"] == "FAIL"
-                      and classify(r)["field"] == expected["_plants"][bug]]
+            failed = [r for r in results if (got := classify(r))["verdict"] == "FAIL"
+                      and got["field"] == expected["_plants"][bug]]
             caught = bool(failed)
             detail = (f"caught by {failed[0].case}: {classify(failed[0])['detail']}" if caught else
                       f"NOT caught: expected a FAIL on {expected['_plants'][bug]}; got "

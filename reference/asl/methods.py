@@ -208,6 +208,16 @@ def gemfilter_first_pass(engine, ids: np.ndarray, p: Params) -> tuple[np.ndarray
 # ---------------------------------------------------------------- entry point
 
 NEVER_FIRED = "the criterion never fired"  # how every note about a criterion that never fired begins
+NOTHING_SELECTED = NEVER_FIRED + ": nothing was selected; ran as full"  # a one-shot criterion that never fired
+
+
+def short_prompt_notes(run: Method, N: int, p: Params) -> list[str]:
+    """The notes of a prompt too short for the method: N ≤ w (nothing scored, run as full), or N ≤ k."""
+    if run.scores and N <= p.window:
+        return [f"N ≤ w ({N} ≤ {p.window}): no token can be scored; ran as full"]
+    if run.selects and N <= p.select_k:
+        return [f"N ≤ k ({N} ≤ {p.select_k}): the kept set is the whole prompt"]
+    return []
 NEVER_FIRED_TWO_PASS = (NEVER_FIRED + ": fell back to the last layer's ranks (select_layer = {layer}, as "
                         "the authors' code does) and ran the second pass on its top(k') and the window")
 
@@ -222,13 +232,10 @@ def run_prefill(
     check_params(method, p, engine.config.num_hidden_layers)
     ids = np.asarray(prompt_ids, dtype=np.int64)
     N = len(ids)
-    notes = []
     run = METHOD[method]
+    notes = short_prompt_notes(run, N, p)
     if run.scores and N <= p.window:
-        notes.append(f"N ≤ w ({N} ≤ {p.window}): no token can be scored; ran as full")
         run = METHOD["full"]
-    if run.selects and N <= p.select_k:
-        notes.append(f"N ≤ k ({N} ≤ {p.select_k}): the kept set is the whole prompt")
 
     def result(pass_: PassResult, next_position, select_layer, kept, first_pass=None) -> PrefillResult:
         return PrefillResult(method=method, params=p, logits=pass_.logits, cache=pass_.cache,
@@ -241,7 +248,7 @@ def run_prefill(
     if not run.two_pass:  # fastkv, asl: one shot, original positions
         one = one_pass(engine, ids, p, run)
         if one.select_layer is None:
-            notes.append(NEVER_FIRED + ": nothing was selected; ran as full")
+            notes.append(NOTHING_SELECTED)
         return result(one, N, one.select_layer, one.kept)
     if run.decides == "last-query":  # gemfilter
         kept, first = gemfilter_first_pass(engine, ids, p)

@@ -27,7 +27,6 @@ rule; an implementation whose own ranks differ (an unstable sort) passes
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,10 +35,11 @@ import numpy as np
 
 from reference.asl.criterion import Criterion
 from reference.asl.methods import (
-    NEVER_FIRED,
     NEVER_FIRED_TWO_PASS,
+    NOTHING_SELECTED,
     layer_flops,
     qk_flops,
+    short_prompt_notes,
 )
 from reference.asl.params import METHOD
 from reference.asl.selection import boundary_gap, ranks, select_k_prime
@@ -52,6 +52,7 @@ from reference.oracle.trace import (
     BYTES_PER_ELEMENT,
     INF,
     SCHEMA_VERSION,
+    json_number,
     save_trace,
     validate_trace,
 )
@@ -175,14 +176,6 @@ def _distinct_prompt_positions(case, at: str, pos: np.ndarray, N: int, twice: st
     return uniq
 
 
-def _number(x) -> float | str | None:
-    if x is None:
-        return None
-    if isinstance(x, str):
-        return INF if x == INF else float(x)
-    return INF if float(x) == math.inf else float(x)
-
-
 def _float_array(a, dtype: str) -> np.ndarray:
     a = np.asarray(a)
     return a if a.dtype.kind == "f" else a.astype(dtype)
@@ -258,7 +251,7 @@ def _build_pass(case, shape, p: dict, decisions: list, part: _Pass, select_layer
                            f"{'prompt token' if filter_layer else 'prefix token (n - w)'}")
             rank = ranks(score) if d.ranks is None else np.asarray(d.ranks, dtype=np.int64)
             count = min(p["select_k"], n) if filter_layer else select_k_prime(p["select_k"], n, w)
-            entry["boundary_gap"] = _number(boundary_gap(score, count))
+            entry["boundary_gap"] = json_number(boundary_gap(score, count))
             part.arrays[f"{prefix}ranks/{layer}"] = rank  # (n-w,) or (N,)
             part.arrays[f"{prefix}scores/{layer}"] = score
             if criterion is not None:
@@ -267,8 +260,8 @@ def _build_pass(case, shape, p: dict, decisions: list, part: _Pass, select_layer
                     part.fired |= seen.fires
                     given = (d.union_size, d.v, d.ratio)
                     entry["union_size"] = int(seen.variance.union_size if d.union_size is None else d.union_size)
-                    entry["v"] = _number(seen.variance.v if d.v is None else d.v)
-                    entry["ratio"] = _number(float(seen.ratio) if d.ratio is None else d.ratio)
+                    entry["v"] = json_number(seen.variance.v if d.v is None else d.v)
+                    entry["ratio"] = json_number(float(seen.ratio) if d.ratio is None else d.ratio)
                     entry["margin"] = INF if entry["ratio"] == INF else entry["ratio"] - p["tau"]
                     if any(x is not None for x in given) and None in given:
                         raise _bad(case, where, "give union_size, v and ratio together, or none (the kit replays "
@@ -299,7 +292,7 @@ def _build_pass(case, shape, p: dict, decisions: list, part: _Pass, select_layer
                 if not part.first and len(kv[g]) != B:
                     raise _bad(case, f"{where}, KV head {g}", f"{len(kv[g])} positions cached where SnapKV decides; "
                                f"it keeps exactly B = {B}")
-                gaps.append(_number(boundary_gap(s, B - w)))
+                gaps.append(json_number(boundary_gap(s, B - w)))
                 if not part.first:
                     part.arrays[f"kv_scores/{layer}/{g}"] = s  # (n-w,): score_g by the layer's rows
             entry["kv_boundary_gaps"] = gaps
@@ -337,17 +330,14 @@ def _check_kept(case, p: dict, select_layer, kept_positions, L: int):
     return uniq  # ascending
 
 
-def _notes(case, p: dict, select_layer, L: int) -> list[str]:
+def _notes(case, p: dict, select_layer) -> list[str]:
     """The reference's notes (reference.asl.methods.run_prefill), in its words: notes are never compared."""
     method, N = METHOD[case.method], len(case.prompt_ids)
-    notes = []
+    notes = short_prompt_notes(method, N, SimpleNamespace(window=p["window"], select_k=p["select_k"]))
     if method.scores and N <= p["window"]:
-        notes.append(f"N ≤ w ({N} ≤ {p['window']}): no token can be scored; ran as full")
         return notes
-    if method.selects and N <= p["select_k"]:
-        notes.append(f"N ≤ k ({N} ≤ {p['select_k']}): the kept set is the whole prompt")
     if method.decides == "criterion" and not method.two_pass and select_layer is None:
-        notes.append(NEVER_FIRED + ": nothing was selected; ran as full")
+        notes.append(NOTHING_SELECTED)
     return notes
 
 
@@ -429,7 +419,7 @@ def build_candidate(case: CaseInputs, shape: dict, *, layers: list[LayerDecision
         "next_position": N if first is None else len(kept),
         "generated_ids": generated_ids,
         "generated_gaps": gaps,
-        "notes": _notes(case, p, select_layer, L) if notes is None else list(notes),
+        "notes": _notes(case, p, select_layer) if notes is None else list(notes),
         "layers": entries,
         "first_pass": None if first is None else first.entries,
         "totals": {"bytes_per_element": bpe, "kv_bytes": kv_bytes, "kv_bytes_full": kv_bytes_full,

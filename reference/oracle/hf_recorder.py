@@ -50,11 +50,9 @@ class CacheRecorder:
     def __init__(self, cache):
         self.cache = cache
         self.recorded: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # layer -> [(positions (n,), keys (H_kv, n, d))]
-        self._shadowed = None
 
     def __enter__(self):
         original = self.cache.update
-        self._shadowed = self.cache.__dict__.get("update")  # an update already set on the instance, if any
 
         def update(key_states, value_states, layer_idx, cache_kwargs=None, *args, **kwargs):
             keys = _numpy(key_states)  # (batch, H_kv, n, d)
@@ -66,14 +64,11 @@ class CacheRecorder:
             self.recorded.setdefault(layer_idx, []).append((positions, keys[0].copy()))
             return original(key_states, value_states, layer_idx, cache_kwargs, *args, **kwargs)
 
-        self.cache.update = update
+        self._restore = shadow(self.cache, "update", update)
         return self
 
     def __exit__(self, *exc):
-        if self._shadowed is None:
-            del self.cache.update  # the class's method shows through again
-        else:
-            self.cache.update = self._shadowed
+        self._restore()
         return False
 
     def kept_positions(self, layers=None) -> dict[int, list[np.ndarray]]:
@@ -109,6 +104,24 @@ class CacheRecorder:
         return found
 
 
+def shadow(obj, name: str, replacement):
+    """Set obj.name = replacement on the instance (shadowing its class's method) and return the undo: the
+    instance attribute there before (another recorder's, say) comes back, or the class's method shows through."""
+    before = obj.__dict__.get(name, _ABSENT)
+    setattr(obj, name, replacement)
+
+    def restore():
+        if before is _ABSENT:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, before)
+
+    return restore
+
+
+_ABSENT = object()
+
+
 class ScoreRecorder:
     """Records the scores a kvpress ScorerPress computes, per layer: (H_kv, n) as `score` returned them."""
 
@@ -124,9 +137,9 @@ class ScoreRecorder:
             self.scores[module.layer_idx] = _numpy(s)[0].copy()
             return s
 
-        self.press.score = score  # shadows the class's method on this instance
+        self._restore = shadow(self.press, "score", score)
         return self
 
     def __exit__(self, *exc):
-        del self.press.score
+        self._restore()
         return False

@@ -63,11 +63,13 @@ def model_sha256(model_dir: str | Path) -> str:
 # ---------------------------------------------------------------- making a trace
 
 
-def _number(x: float | None) -> float | str | None:
-    """A record's float as JSON: None stays null, +inf becomes "inf"."""
+def json_number(x: float | str | None) -> float | str | None:
+    """A record's float as JSON: None stays null, +inf (or the string "inf") becomes "inf"."""
     if x is None:
         return None
-    return INF if x == math.inf else float(x)
+    if isinstance(x, str):
+        return INF if x == INF else float(x)
+    return INF if float(x) == math.inf else float(x)
 
 
 def _layer_entry(rec: LayerRecord) -> dict:
@@ -78,11 +80,11 @@ def _layer_entry(rec: LayerRecord) -> dict:
         "flops": rec.flops,
         "scored": rec.scores is not None,
         "union_size": rec.union_size,
-        "v": _number(rec.v),
-        "ratio": _number(rec.ratio),
-        "margin": _number(rec.margin),
-        "boundary_gap": _number(rec.boundary_gap),
-        "kv_boundary_gaps": None if rec.kv_boundary_gaps is None else [_number(g) for g in rec.kv_boundary_gaps],
+        "v": json_number(rec.v),
+        "ratio": json_number(rec.ratio),
+        "margin": json_number(rec.margin),
+        "boundary_gap": json_number(rec.boundary_gap),
+        "kv_boundary_gaps": None if rec.kv_boundary_gaps is None else [json_number(g) for g in rec.kv_boundary_gaps],
     }
 
 
