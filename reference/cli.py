@@ -310,6 +310,20 @@ def _add_method_params(p: argparse.ArgumentParser, with_method: bool = True) -> 
     m.add_argument("--kv-budget", type=int, default=None, help="B, per-layer per-KV-head cache size (SnapKV; any method; default: keep all)")
     m.add_argument("--select-layer", type=int, default=d.select_layer, help=f"ℓ_f, FastKV's fixed layer (default {d.select_layer})")
     m.add_argument("--filter-layer", type=int, default=d.filter_layer, help=f"ℓ_g, GemFilter's fixed layer (default {d.filter_layer})")
+    pi = p.add_argument_group("PyramidInfer parameters (the authors' config keys with dashes; defaults: their "
+                              "configs/llama3.1_8b.json; docs/semantics.md)")
+    pi.add_argument("--recent-ratio", type=float, default=d.recent_ratio, help=f"the last int(N · this) + 1 tokens are the window, always kept (default {d.recent_ratio})")
+    pi.add_argument("--prefill-decay-ratio", type=float, default=d.prefill_decay_ratio, help=f"d of the keep ratio r(i) (default {d.prefill_decay_ratio})")
+    pi.add_argument("--prefill-decay-strategy", default=d.prefill_decay_strategy, help="cosine, or linear (runs as the constant d, as the authors' code does) (default cosine)")
+    pi.add_argument("--min-context-length", type=int, default=d.min_context_length, help=f"no pruning while the context is not longer than this (default {d.min_context_length})")
+    pi.add_argument("--layerwise-downsample-interval", type=int, default=d.layerwise_downsample_interval, help=f"layers that are a multiple of this decide (default {d.layerwise_downsample_interval})")
+    pi.add_argument("--streamingllm-sink-len", type=int, default=d.streamingllm_sink_len, help=f"first context tokens always kept (default {d.streamingllm_sink_len})")
+    pi.add_argument("--distance-weight", type=float, default=d.distance_weight, help=f"window rows weighted by linspace(1, this) (default {d.distance_weight})")
+    pi.add_argument("--gen-decay-ratio", type=float, default=d.gen_decay_ratio, help=f"d of the decoding schedule g(i) (default {d.gen_decay_ratio})")
+    pi.add_argument("--gen-decay-strategy", default=d.gen_decay_strategy, help="cosine or linear, as for prefill (default cosine)")
+    pi.add_argument("--gen-compress-ratio", type=float, default=d.gen_compress_ratio, help=f"of the E scored cache entries, int(E · this · g(i)) stay (default {d.gen_compress_ratio})")
+    pi.add_argument("--exceed-length-to-compress", type=int, default=d.exceed_length_to_compress, help=f"E, entries scored per decode-stage compression (default {d.exceed_length_to_compress})")
+    pi.add_argument("--no-gen-compress", dest="gen_compress", action="store_false", help="no decode-stage compression (a prefill-only PyramidInfer)")
 
 
 def build_parser() -> argparse.ArgumentParser:

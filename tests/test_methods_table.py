@@ -22,13 +22,18 @@ def weights():
 def test_each_run_does_what_its_row_says(weights, name):
     m = METHOD[name]
     ids = np.random.default_rng(3).integers(3, 259, 120)
-    r = run_prefill(weights, ids, name, P)
+    r = run_prefill(weights, ids, name, P if not m.per_layer else Params())
     assert (r.select_layer is not None) == m.selects
     assert (r.first_pass is not None) == m.two_pass
     scored = [rec.layer for rec in (r.first_pass or r.layers) if rec.scores is not None]
     if m.selects:
         assert scored[0] == m.first_scored(P, weights.config.num_hidden_layers)
         assert len(r.kept_positions) == P.select_k and r.next_position == (P.select_k if m.two_pass else len(ids))
+    elif m.per_layer:  # a kept set at every deciding layer: each layer holds what the one before kept
+        assert scored[0] == 0 and r.select_layer is None and r.next_position == len(ids)
+        for a, b in zip(r.layers, r.layers[1:]):
+            assert b.prefill_tokens == (len(a.kept) if a.kept is not None else a.prefill_tokens)
+        assert any(rec.kept is not None for rec in r.layers)
     else:
         assert not scored and r.next_position == len(ids)
     if m.decides == "fixed":

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from reference.asl.scoring import last_query_scores, pooled_head_scores
+from reference.asl.scoring import last_query_scores, pooled_head_scores, window_attention
 from reference.model.config import Config
 from reference.model.transformer import (
     HeadCache,
@@ -39,7 +39,11 @@ class Engine(Protocol):
       kernel)` -> (N,): host NumPy arrays, so every decision is taken on the host by the same code.
     - `compress(cache, keep)` -> the cache holding, per KV head g, the rows keep[g]. It TAKES OVER the cache
       it is given: use only the returned one (the port compacts in place, the reference builds a new one).
-    - `decode(caches, token, position)` -> (logits, new caches). The caches passed in still read as before
+    - `recent_attention(q_rows, cache)` -> A (W, n): the attention probabilities of the last W queries over the
+      layer's n tokens (causal), averaged over the query heads; host NumPy (PyramidInfer decides on it).
+    - `decode(caches, token, position, attention=False)` -> (logits, new caches), and with attention=True also
+      per layer the new query's head-averaged attention over that layer's cache (len + 1,), host NumPy
+      (PyramidInfer's decode stage; its caches hold the same tokens in every KV head). The caches passed in still read as before
       (the reference builds new ones; the port appends past the old lengths into shared storage), so after
       generation `prefill.cache` is the cache after prefill on either engine. Decode from a cache once: a
       second decode from the same old cache would overwrite the port's shared slot.
@@ -53,12 +57,13 @@ class Engine(Protocol):
     def layer(self, i: int, x, positions: np.ndarray, q_rows: int): ...
     def head_scores(self, q_window, cache, kernel: int, pooling: str) -> np.ndarray: ...
     def gemfilter_scores(self, i: int, x, positions: np.ndarray, kernel: int) -> np.ndarray: ...
+    def recent_attention(self, q_rows, cache) -> np.ndarray: ...
     def compress(self, cache, keep: list[np.ndarray]): ...
     def positions(self, cache) -> list[np.ndarray]: ...
     def select_rows(self, x, rows: np.ndarray): ...
     def all_finite(self, x) -> bool: ...
     def logits(self, x) -> np.ndarray: ...
-    def decode(self, caches, token: int, position: int): ...
+    def decode(self, caches, token: int, position: int, attention: bool = False): ...
 
 
 def as_engine(model) -> Engine:
@@ -95,6 +100,11 @@ class ReferenceEngine:
         q, k, _ = project_qkv(rms_norm(x, lw.attn_norm, self.config.rms_norm_eps), lw, self.config, positions)
         return last_query_scores(q[:, -1], k, self.config.group_size, kernel)
 
+    def recent_attention(self, q_rows: np.ndarray, cache: LayerCache) -> np.ndarray:
+        """Head-averaged attention probabilities of the last W queries (H, W, hd) over the layer's keys,
+        causal. (W, n)."""
+        return window_attention(q_rows, cached_keys(cache), self.config.group_size).mean(axis=0)
+
     def compress(self, cache: LayerCache, keep: list[np.ndarray]) -> LayerCache:
         """Keep, for each KV head g, the cache rows keep[g] (ascending)."""
         return tuple(HeadCache(h.k[kg], h.v[kg], h.pos[kg]) for h, kg in zip(cache, keep))
@@ -114,5 +124,10 @@ class ReferenceEngine:
         """Next-token logits (V,) from the last row of x."""
         return lm_head(self.weights, x[-1:])[0]
 
-    def decode(self, cache, token: int, position: int):
-        return decode_step(self.weights, cache, token, position)
+    def decode(self, cache, token: int, position: int, attention: bool = False):
+        if not attention:
+            return decode_step(self.weights, cache, token, position)
+        queries = []
+        logits, cache = decode_step(self.weights, cache, token, position, queries)
+        rows = [self.recent_attention(q, c)[0] for q, c in zip(queries, cache)]  # per layer (len + 1,)
+        return logits, cache, rows

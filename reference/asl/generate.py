@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from reference.asl import pyramid
 from reference.asl.engine import Engine, as_engine
 from reference.asl.methods import PrefillResult, run_prefill
 from reference.asl.params import Params
@@ -28,6 +29,7 @@ class Generation:
     decode_seconds: float = 0.0
     stopped_at_eos: bool = False
     prefill: PrefillResult | None = None  # the method's decisions and per-layer record
+    compressions: list = field(default_factory=list)  # PyramidInfer's decode-stage compressions (pyramid.Compression)
 
 
 def check_prompt(cfg: Config, prompt_ids, max_new_tokens: int = 0) -> np.ndarray:
@@ -98,6 +100,7 @@ def generate(
     if max_new_tokens == 0:
         return result
     logits, cache, position = result.prefill.logits, result.prefill.cache, result.prefill.next_position
+    state = result.prefill.decode_state  # PyramidInfer's decode stage, or None
     start = time.perf_counter()
     while True:
         if not np.isfinite(logits).all():
@@ -115,7 +118,24 @@ def generate(
             break
         if len(result.generated_ids) == max_new_tokens:
             break
-        logits, cache = engine.decode(cache, token, position)
+        if state is None:
+            logits, cache = engine.decode(cache, token, position)
+        else:
+            logits, cache, state = pyramid_decode(engine, cache, token, position, state, result)
         position += 1
     result.decode_seconds = time.perf_counter() - start
     return result
+
+
+def pyramid_decode(engine, cache, token: int, position: int, state, result: Generation):
+    """One decode step of PyramidInfer: decode, then compress the layers whose count says so (pyramid.py)."""
+    layer0_before = len(engine.positions(cache[0])[0])
+    logits, cache, rows = engine.decode(cache, token, position, attention=True)
+    step = len(result.generated_ids)  # the step-th generated token was fed back
+    positions = [engine.positions(c)[0] for c in cache]
+    L = engine.config.num_hidden_layers
+    state, keeps, events = pyramid.decode_compress(state, rows, positions, step, layer0_before, result.prefill.params, L)
+    H_kv = engine.config.num_key_value_heads
+    cache = tuple(c if keep is None else engine.compress(c, [keep] * H_kv) for c, keep in zip(cache, keeps))
+    result.compressions += events
+    return logits, cache, state

@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from reference.asl import pyramid
 from reference.asl.criterion import Criterion
 from reference.asl.engine import Engine, as_engine
 from reference.asl.params import GEMFILTER_KERNEL, METHOD, Method, Params, check_params
+from reference.asl.pyramid import recent_length
 from reference.asl.scoring import group_scores, token_scores
 from reference.asl.selection import (
     best,
@@ -55,6 +57,8 @@ class LayerRecord:
     margin: float | None = None  # ratio - τ
     kv_boundary_gaps: list[float | None] | None = None  # SnapKV at this layer: per KV head, its boundary gap
     kv_scores: np.ndarray | None = None  # SnapKV at this layer: score_g per KV head over the prefix rows (H_kv, n-w)
+    kept: np.ndarray | None = None  # positions that go on to the next layer when this layer selects (ascending)
+    keep_ratio: float | None = None  # PyramidInfer's r(i) at a deciding layer
 
     @property
     def kv_tokens(self) -> list[int]:
@@ -73,6 +77,7 @@ class PrefillResult:
     layers: list[LayerRecord]  # the pass whose cache decoding uses
     first_pass: list[LayerRecord] | None = None  # two-pass methods: the scoring pass
     notes: list[str] = field(default_factory=list)
+    decode_state: pyramid.DecodeState | None = None  # PyramidInfer with decode-stage compression
 
 
 # ---------------------------------------------------------------- cost model
@@ -132,31 +137,37 @@ class PassResult:
     layers: list[LayerRecord]
     select_layer: int | None
     kept: np.ndarray | None  # indices into this pass's tokens (= positions for a first pass)
+    decode_rows: list[np.ndarray] | None = None  # PyramidInfer: per layer, the window's rows decoding compresses with
 
 
 def one_pass(engine, ids: np.ndarray, p: Params, selector: Method | None, stop_at_selection: bool = False) -> PassResult:
     """Run the prompt through the layers at positions 0 .. N-1.
 
-    selector: the method whose one-shot selection this pass makes (its `decides`:
-    "fixed", FastKV's ℓ_f, or "criterion", ASL's), or None for no selection.
-    SnapKV applies at every layer when p.kv_budget is set.
+    selector: the method whose selections this pass makes (its `decides`: "fixed", FastKV's ℓ_f,
+    "criterion", ASL's, or "pyramid", PyramidInfer's at every deciding layer), or None for no selection.
+    A layer that selects records the positions that go on (`LayerRecord.kept`); the next layer holds only
+    those, at their original positions. SnapKV applies at every layer when p.kv_budget is set.
     """
     cfg = engine.config
-    N, w, G = len(ids), p.window, cfg.group_size
+    N, w, G, L = len(ids), p.window, cfg.group_size, cfg.num_hidden_layers
     positions = np.arange(N, dtype=np.int64)
     k_prime = select_k_prime(p.select_k, N, w)
-    first_scored = selector.first_scored(p, cfg.num_hidden_layers) if selector else cfg.num_hidden_layers
+    first_scored = selector.first_scored(p, L) if selector else L
+    pyramidal = selector is not None and selector.decides == "pyramid"
     x = check_finite(engine, engine.embed(ids), "in the token embeddings")  # (N, D)
-    records, caches = [], []
+    records, caches, decode_rows = [], [], []
     criterion = Criterion(p.tau, p.l_min, p.l_obs, k_prime) if selector and selector.decides == "criterion" else None
-    select_layer = kept = None
-    for layer in range(cfg.num_hidden_layers):
+    select_layer = None
+    for layer in range(L):
         n = len(positions)
-        x, cache, q = engine.layer(layer, x, positions, q_rows=min(w, n))  # q (H, w, hd): the window's queries
+        q_rows = min(recent_length(N, p.recent_ratio) + 1 if pyramidal else w, n)
+        x, cache, q = engine.layer(layer, x, positions, q_rows=q_rows)  # q (H, q_rows, hd): the window's queries
         check_finite(engine, x, f"after layer {layer} of the prefill")
         record = LayerRecord(layer, n, layer_flops(cfg, n))
-        p_heads = None
-        if selector is not None and select_layer is None and layer >= first_scored:
+        p_heads = kept_rows = None
+        if pyramidal:
+            kept_rows = pyramid_layer(engine, q, cache, record, decode_rows, N, p)
+        elif selector is not None and select_layer is None and layer >= first_scored:
             p_heads = engine.head_scores(q, cache, p.kernel, p.pooling)  # (H, n-w), on the host
             score = token_scores(p_heads)  # (n-w,)
             rank = ranks(score)  # (n-w,)
@@ -169,7 +180,7 @@ def one_pass(engine, ids: np.ndarray, p: Params, selector: Method | None, stop_a
                 decide = seen.fires
             if decide:
                 select_layer = layer
-                kept = kept_with_window(top_from_ranks(rank, k_prime), n, w)  # (min(k, N),)
+                kept_rows = kept_with_window(top_from_ranks(rank, k_prime), n, w)  # (min(k, N),)
         if p.kv_budget is not None and n > p.kv_budget:
             if p_heads is None:
                 p_heads = engine.head_scores(q, cache, p.kernel, p.pooling)
@@ -178,12 +189,37 @@ def one_pass(engine, ids: np.ndarray, p: Params, selector: Method | None, stop_a
         record.kv_positions = engine.positions(cache)
         records.append(record)
         caches.append(cache)
-        if select_layer == layer:
+        if kept_rows is not None:
+            record.kept = positions[kept_rows]
             if stop_at_selection:
-                return PassResult(None, tuple(caches), records, select_layer, kept)
-            x, positions = engine.select_rows(x, kept), positions[kept]
+                return PassResult(None, tuple(caches), records, select_layer, kept_rows)
+            x, positions = engine.select_rows(x, kept_rows), positions[kept_rows]
     logits = engine.logits(x)  # (V,) from the last prompt token
-    return PassResult(logits, tuple(caches), records, select_layer, kept)
+    kept = records[select_layer].kept if select_layer is not None else None
+    return PassResult(logits, tuple(caches), records, select_layer, kept, decode_rows if pyramidal else None)
+
+
+def pyramid_layer(engine, q, cache, record: LayerRecord, decode_rows: list, N: int, p: Params):
+    """PyramidInfer at one layer (docs/semantics.md, "PyramidInfer"): decide from the head-averaged attention
+    of the last W queries, and keep the rows decoding will compress with. Returns the kept rows or None."""
+    L = engine.config.num_hidden_layers
+    if not pyramid.decides(record.layer, p):
+        if p.gen_compress:  # the authors keep the last deciding layer's rows; where its width is not this
+            last = decode_rows[-1]  # layer's cache (it pruned: their code stops there), the layer's own
+            if last.shape[1] != record.prefill_tokens:
+                rows = engine.recent_attention(q, cache)  # (W, n)
+                last = pyramid.weighted_rows(rows, rows.shape[1] - rows.shape[0], p.distance_weight)
+            decode_rows.append(last)
+        return None
+    rows = engine.recent_attention(q, cache)  # (W, n): head-averaged probabilities of the last W queries
+    decision, weighted = pyramid.prefill_decision(rows, record.layer, L, N, p)  # the last layer decides too
+    decode_rows.append(weighted)
+    record.keep_ratio = decision.ratio
+    if len(decision.scores):
+        record.scores, record.ranks = decision.scores, ranks(pyramid.sink_forced(decision.scores,
+                                                                                  p.streamingllm_sink_len))
+        record.boundary_gap = decision.gap
+    return decision.kept
 
 
 def gemfilter_first_pass(engine, ids: np.ndarray, p: Params) -> tuple[np.ndarray, list[LayerRecord]]:
@@ -213,9 +249,9 @@ NOTHING_SELECTED = NEVER_FIRED + ": nothing was selected; ran as full"  # a one-
 
 def short_prompt_notes(run: Method, N: int, p: Params) -> list[str]:
     """The notes of a prompt too short for the method: N ≤ w (nothing scored, run as full), or N ≤ k."""
-    if run.scores and N <= p.window:
+    if run.window_scored and N <= p.window:
         return [f"N ≤ w ({N} ≤ {p.window}): no token can be scored; ran as full"]
-    if run.selects and N <= p.select_k:
+    if "select_k" in run.uses and N <= p.select_k:
         return [f"N ≤ k ({N} ≤ {p.select_k}): the kept set is the whole prompt"]
     return []
 NEVER_FIRED_TWO_PASS = (NEVER_FIRED + ": fell back to the last layer's ranks (select_layer = {layer}, as "
@@ -234,17 +270,24 @@ def run_prefill(
     N = len(ids)
     run = METHOD[method]
     notes = short_prompt_notes(run, N, p)
-    if run.scores and N <= p.window:
+    if run.window_scored and N <= p.window:
         run = METHOD["full"]
 
-    def result(pass_: PassResult, next_position, select_layer, kept, first_pass=None) -> PrefillResult:
+    def result(pass_: PassResult, next_position, select_layer, kept, first_pass=None, state=None) -> PrefillResult:
         return PrefillResult(method=method, params=p, logits=pass_.logits, cache=pass_.cache,
                              next_position=next_position, select_layer=select_layer, kept_positions=kept,
-                             layers=pass_.layers, first_pass=first_pass, notes=notes)
+                             layers=pass_.layers, first_pass=first_pass, notes=notes, decode_state=state)
 
-    if not run.selects:  # full, snapkv
+    if run.decides is None:  # full, snapkv
         one = one_pass(engine, ids, p, None)
         return result(one, N, None, None)
+    if run.decides == "pyramid":  # a kept set at every deciding layer, original positions
+        one = one_pass(engine, ids, p, run)
+        state = None
+        if p.gen_compress:
+            lengths = [len(rec.kv_positions[0]) for rec in one.layers]
+            state = pyramid.initial_state(one.decode_rows, lengths, N)
+        return result(one, N, None, None, state=state)
     if not run.two_pass:  # fastkv, asl: one shot, original positions
         one = one_pass(engine, ids, p, run)
         if one.select_layer is None:

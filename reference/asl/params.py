@@ -19,6 +19,13 @@ POOLINGS = ("avg", "max")
 GEMFILTER_KERNEL = 5  # GemFilter's own pooling width, not the `kernel` parameter
 WINDOW_SCORING = ("window", "kernel", "pooling")  # what scoring by the last w queries reads
 ASL = ("select_k", "tau", "l_min", "l_obs")
+# PyramidInfer's parameters, under the authors' config keys (configs/llama3.1_8b.json), plus the oracle's switch
+PYRAMID_PREFILL = ("recent_ratio", "prefill_decay_ratio", "prefill_decay_strategy", "min_context_length",
+                   "layerwise_downsample_interval", "streamingllm_sink_len", "distance_weight")
+PYRAMID_GEN = ("gen_decay_ratio", "gen_decay_strategy", "gen_compress_ratio", "exceed_length_to_compress",
+               "gen_compress")
+PYRAMID = PYRAMID_PREFILL + PYRAMID_GEN
+STRATEGIES = ("cosine", "linear")  # "linear" runs as the constant ratio, as in the authors' code (pyramid.schedule)
 
 
 @dataclass(frozen=True)
@@ -27,23 +34,35 @@ class Method:
 
     name: str
     uses: tuple[str, ...]  # parameters it reads (kv_budget: any method, when set)
-    decides: str | None  # None (no selection), "fixed" (FastKV's ℓ_f), "criterion" (ASL), "last-query" (GemFilter)
+    decides: str | None  # None (no selection), "fixed" (FastKV's ℓ_f), "criterion" (ASL), "last-query" (GemFilter),
+    # "pyramid" (PyramidInfer: a kept set at every deciding layer)
     two_pass: bool  # the kept ids are run again from scratch at fresh positions
     needs_budget: bool = False  # SnapKV alone: a method only when B is given
 
     @property
     def selects(self) -> bool:
-        return self.decides is not None
+        """It makes one selection at one layer (select_layer, kept_positions); PyramidInfer prunes per layer."""
+        return self.decides not in (None, "pyramid")
+
+    @property
+    def per_layer(self) -> bool:
+        """Its kept set shrinks at every deciding layer (PyramidInfer)."""
+        return self.decides == "pyramid"
 
     @property
     def scores(self) -> bool:
         """It scores tokens (to select, or for SnapKV's caches); with N ≤ w nothing can be scored."""
-        return self.selects or self.needs_budget
+        return self.decides is not None or self.needs_budget
 
     def first_scored(self, p: "Params", n_layers: int) -> int:
         """The first layer whose tokens are scored for the selection (n_layers: never)."""
         return {"fixed": p.select_layer, "criterion": p.l_min - p.l_obs + 1,
-                "last-query": p.filter_layer}.get(self.decides, n_layers)
+                "last-query": p.filter_layer, "pyramid": 0}.get(self.decides, n_layers)
+
+    @property
+    def window_scored(self) -> bool:
+        """It scores with the last w queries (SPEC section 1), so a prompt of N ≤ w tokens runs as full."""
+        return "window" in self.uses
 
 
 METHOD = {m.name: m for m in (
@@ -53,6 +72,7 @@ METHOD = {m.name: m for m in (
     Method("gemfilter", ("select_k", "filter_layer"), "last-query", True),
     Method("asl", WINDOW_SCORING + ASL, "criterion", False),
     Method("asl-2pass", WINDOW_SCORING + ASL, "criterion", True),
+    Method("pyramidinfer", PYRAMID, "pyramid", False),
 )}
 METHODS = tuple(METHOD)
 
@@ -71,9 +91,24 @@ class Params:
     kv_budget: int | None = None  # B: per-layer, per-KV-head cache size after prefill (SnapKV)
     select_layer: int = 15  # ℓ_f: FastKV's fixed selection layer
     filter_layer: int = 13  # ℓ_g: GemFilter's fixed filter layer
+    # PyramidInfer (the authors' configs/llama3.1_8b.json); docs/semantics.md, "PyramidInfer"
+    recent_ratio: float = 0.2  # R = int(N · recent_ratio); the last R + 1 tokens are the window
+    prefill_decay_ratio: float = 0.9  # d of the prefill schedule r(i)
+    prefill_decay_strategy: str = "cosine"  # "cosine", or "linear" (= the constant d, as their code runs it)
+    min_context_length: int = 64  # no pruning while the context is not longer than min(this, N - 1 - R)
+    layerwise_downsample_interval: int = 1  # layers i with i % interval == 0 decide
+    streamingllm_sink_len: int = 4  # the first context tokens, always kept
+    distance_weight: float = 1.2  # window rows weighted by linspace(1, distance_weight, R + 1)
+    gen_decay_ratio: float = 0.1  # d of the decoding schedule g(i)
+    gen_decay_strategy: str = "cosine"
+    gen_compress_ratio: float = 0.9  # of E scored cache entries, int(E · this · g(i)) (at least 1) stay
+    exceed_length_to_compress: int = 16  # E
+    gen_compress: bool = True  # the decode stage compresses (False: a prefill-only PyramidInfer)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def to_dict(self, method: str | None = None) -> dict:
+        """The parameters a trace records: the ten of SPEC's table, plus PyramidInfer's for that method."""
+        d = asdict(self)
+        return d if method == "pyramidinfer" else {k: v for k, v in d.items() if k not in PYRAMID}
 
 
 def _fail(name: str, allowed: str, got) -> OracleError:
@@ -92,6 +127,11 @@ def check_params(method: str, p: Params, n_layers: int) -> None:
     """
     if method not in METHODS:
         raise OracleError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if METHOD[method].decides == "pyramid":
+        if p.kv_budget is not None:
+            raise OracleError("parameter kv-budget does not combine with pyramidinfer: it compresses its own "
+                              "caches (layer by layer in prefill, slice by slice in decoding); drop --kv-budget")
+        check_pyramid(p)
     if METHOD[method].needs_budget and p.kv_budget is None:
         raise OracleError("method snapkv needs --kv-budget B (the per-layer, per-KV-head cache size)")
     used = set(METHOD[method].uses) | (set(WINDOW_SCORING) | {"kv_budget"} if p.kv_budget is not None else set())
@@ -121,6 +161,32 @@ def check_params(method: str, p: Params, n_layers: int) -> None:
             raise _fail(name, f"in [0, {n_layers}) (the model's layers)", getattr(p, name))
     if "kv_budget" in used and p.kv_budget <= p.window:
         raise _fail("kv_budget", f"> window ({p.window})", p.kv_budget)
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_pyramid(p: Params) -> None:
+    """PyramidInfer's ranges; each refusal names the parameter (with the command line's dashes) and its range."""
+    ranges = {  # name: (test, allowed)
+        "recent_ratio": (lambda x: _number(x) and 0 <= x < 1, "a number in [0, 1) (1 or more leaves no context)"),
+        "prefill_decay_ratio": (lambda x: _number(x) and 0 <= x <= 1, "a number in [0, 1]"),
+        "gen_decay_ratio": (lambda x: _number(x) and 0 <= x <= 1, "a number in [0, 1]"),
+        "gen_compress_ratio": (lambda x: _number(x) and 0 < x <= 1, "a number in (0, 1]"),
+        "distance_weight": (lambda x: _number(x) and x > 0, "a finite number > 0"),
+        "prefill_decay_strategy": (lambda x: x in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
+        "gen_decay_strategy": (lambda x: x in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
+        "min_context_length": (lambda x: _is_int(x) and x >= 0, "an integer ≥ 0"),
+        "layerwise_downsample_interval": (lambda x: _is_int(x) and x >= 1, "an integer ≥ 1"),
+        "streamingllm_sink_len": (lambda x: _is_int(x) and x >= 0, "an integer ≥ 0"),
+        "exceed_length_to_compress": (lambda x: _is_int(x) and x >= 1, "an integer ≥ 1"),
+        "gen_compress": (lambda x: isinstance(x, bool), "true or false"),
+    }
+    for name in PYRAMID:
+        test, allowed = ranges[name]
+        if not test(getattr(p, name)):
+            raise _fail(name, allowed, getattr(p, name))
 
 
 # The authors' settings (the defaults above) with k sized for ~1K-token prompts: what the demo, the SmolLM2

@@ -130,17 +130,20 @@ def forward(
     positions: np.ndarray,
     cache: KVCache | None = None,
     all_logits: bool = False,
+    queries: list | None = None,
 ) -> tuple[np.ndarray, KVCache]:
     """Run tokens through every layer, appending to `cache` (None: start empty).
 
     Returns the logits of the last token (V,), or of every token (T, V) with
-    `all_logits`, and the extended cache.
+    `all_logits`, and the extended cache. A `queries` list receives each layer's rotated queries (H, T, hd).
     """
     x = embed(weights, token_ids)  # (T, D)
     layer_caches = []
     for i, lw in enumerate(weights.layers):
-        x, layer_cache, _ = decoder_layer(x, lw, weights.config, positions, None if cache is None else cache[i])
+        x, layer_cache, q = decoder_layer(x, lw, weights.config, positions, None if cache is None else cache[i])
         layer_caches.append(layer_cache)
+        if queries is not None:
+            queries.append(q)
     logits = lm_head(weights, x if all_logits else x[-1:])  # (T, V) or (1, V)
     return (logits if all_logits else logits[0]), tuple(layer_caches)
 
@@ -151,8 +154,11 @@ def prefill(weights: Weights, token_ids, all_logits: bool = False) -> tuple[np.n
     return forward(weights, token_ids, np.arange(len(token_ids), dtype=np.int64), None, all_logits)
 
 
-def decode_step(weights: Weights, cache: KVCache, token: int, position: int) -> tuple[np.ndarray, KVCache]:
-    """One generated token at `position`: its logits (V,) and the cache with it appended."""
+def decode_step(
+    weights: Weights, cache: KVCache, token: int, position: int, queries: list | None = None
+) -> tuple[np.ndarray, KVCache]:
+    """One generated token at `position`: its logits (V,) and the cache with it appended
+    (`queries`, when given, receives each layer's rotated query (H, 1, hd))."""
     return forward(
-        weights, np.array([token], dtype=np.int64), np.array([position], dtype=np.int64), cache
+        weights, np.array([token], dtype=np.int64), np.array([position], dtype=np.int64), cache, queries=queries
     )
