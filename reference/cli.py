@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from reference.asl.generate import generate
-from reference.asl.params import METHODS, POOLINGS, SMOLLM2_PARAMS, Params, check_params
+from reference.asl.params import METHOD, METHODS, POOLINGS, SMOLLM2_PARAMS, Params, check_params
 from reference.errors import OracleError
 from reference.eval.report import write_report
 from reference.eval.runner import run_eval
@@ -45,7 +45,8 @@ from reference.oracle.bundle import (
     write_bundle,
 )
 from reference.oracle.mutations import self_test
-from reference.oracle.trace import load_trace, make_trace, model_sha256, save_trace
+from reference.io.atomic import atomic_write
+from reference.oracle.trace import load_trace, make_trace, model_sha256, read_npz, save_trace, upgrade, validate_trace
 from reference.oracle.verdicts import VERDICTS
 
 MODEL_HELP = "checkpoint directory (Hugging Face layout) or alias: tiny-llama, tiny-qwen2, smollm2"
@@ -131,6 +132,13 @@ def summary_line(trace: dict) -> str:
     kept = trace["kept_positions"]
     kept_text = f"kept {len(kept)} of {trace['num_prompt_tokens']} tokens" if kept is not None else \
         f"kept all {trace['num_prompt_tokens']} tokens"
+    pruned = [e for e in trace["layers"] if e["kept_tokens"] is not None]
+    if METHOD[trace["method"]].per_layer:
+        where = f"pruned at {len(pruned)} layers" if pruned else "pruned nowhere"
+        kept_text = (f"{trace['num_prompt_tokens']} tokens at layer 0, {trace['layers'][-1]['prefill_tokens']} at "
+                     f"layer {len(trace['layers']) - 1}")
+        if trace["decode_compressions"]:
+            kept_text += f", {len(trace['decode_compressions'])} decode-stage compressions"
     return (f"[{trace['method']}: {where}, {kept_text}, KV {_si(totals['kv_bytes'])}B = "
             f"{100 * totals['kv_fraction']:.1f}% of full, prefill {_si(totals['prefill_flops'])}FLOP = "
             f"{100 * totals['prefill_flops'] / totals['prefill_flops_full']:.1f}% of full]")
@@ -162,6 +170,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_trace(args) -> int:
+    if args.upgrade:
+        return _upgrade_trace(Path(args.file), Path(args.upgrade))
     trace, arrays = load_trace(args.file)
     print(f"{trace['method']} on {trace['model']['name']} ({trace['dtype']}), {trace['num_prompt_tokens']} prompt tokens, "
           f"params {json.dumps(trace['params'])}")
@@ -171,17 +181,42 @@ def cmd_trace(args) -> int:
     for title, entries in (("first pass", trace["first_pass"]), ("layers", trace["layers"])):
         if not entries:
             continue
-        print(f"{title}:\n  {'layer':>5} {'prefill':>8} {'kv per head':<16} {'ratio':>8} {'margin':>9} {'boundary gap':>12}")
+        print(f"{title}:\n  {'layer':>5} {'prefill':>8} {'kv per head':<16} {'ratio':>8} {'margin':>9} {'boundary gap':>12}"
+              f" {'kept':>6}")
         for e in entries:
             ratio = "" if e["ratio"] is None else (e["ratio"] if isinstance(e["ratio"], str) else f"{e['ratio']:.4f}")
             margin = "" if e["margin"] is None else (e["margin"] if isinstance(e["margin"], str) else f"{e['margin']:+.4f}")
             gap = "" if e["boundary_gap"] is None else f"{e['boundary_gap']:.3g}"
             mark = "  <- selected" if e["layer"] == trace["select_layer"] and title == "layers" or \
                 (title == "first pass" and e["layer"] == trace["select_layer"]) else ""
-            print(f"  {e['layer']:>5} {e['prefill_tokens']:>8} {str(e['kv_tokens']):<16} {ratio:>8} {margin:>9} {gap:>12}{mark}")
+            kept = "" if e["kept_tokens"] is None else str(e["kept_tokens"])
+            print(f"  {e['layer']:>5} {e['prefill_tokens']:>8} {str(e['kv_tokens']):<16} {ratio:>8} {margin:>9} {gap:>12}"
+                  f" {kept:>6}{mark}")
+    if trace["decode_compressions"] is not None:
+        steps = len({c["step"] for c in trace["decode_compressions"]})
+        print(f"decode-stage compressions: {len(trace['decode_compressions'])} (at {steps} steps)")
     if arrays:
         print(f"arrays: {len(arrays)} in {trace['arrays_file']}")
     return 0
+
+
+def _upgrade_trace(source: Path, out: Path) -> int:
+    """Bring a trace of an older schema_version to this one (its arrays file, if any, is unchanged)."""
+    doc = read_json(source, "a trace is the JSON file `asl run --trace` writes")
+    new = upgrade(doc)
+    arrays = load_trace_arrays(source, new)
+    validate_trace(new, arrays, source=str(source))
+    if out.resolve() == source.resolve():
+        raise OracleError(f"--upgrade {out}: give another file than the trace itself (the original stays as it is)")
+    atomic_write(out, json.dumps(new, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    print(f"{source} (schema_version {doc.get('schema_version')}) -> {out} (schema_version {new['schema_version']})")
+    return 0
+
+
+def load_trace_arrays(path: Path, doc: dict) -> dict | None:
+    if doc.get("arrays_file") is None:
+        return None
+    return read_npz(path.parent / doc["arrays_file"], path.name)
 
 
 def cmd_golden(args) -> int:
@@ -354,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("trace", help="check a trace file and print its decisions layer by layer",
                        description="Validate a trace (docs/trace.md) and print its summary and per-layer table.")
     t.add_argument("file", help="trace JSON written by `asl run --trace`")
+    t.add_argument("--upgrade", metavar="OUT", help="write the trace, brought to this schema_version, to OUT "
+                   "(a trace of an older version is refused with one line saying what changed)")
     t.set_defaults(func=cmd_trace)
 
     gb = sub.add_parser("golden", help="write a golden bundle (inputs + expected traces) for other implementations",

@@ -81,7 +81,8 @@ def test_asl_trace_prints_the_decisions(tmp_path):
 @pytest.mark.parametrize("content, fragment", [
     ("{not json", "JSON"),
     (json.dumps({"schema_version": 999}), "schema_version"),
-    (json.dumps({"schema_version": 1}), "required property"),
+    (json.dumps({"schema_version": 1}), "version 2 added PyramidInfer"),
+    (json.dumps({"schema_version": 2}), "required property"),
 ])
 def test_asl_trace_refuses_malformed_files_in_one_line(tmp_path, content, fragment):
     bad = tmp_path / "bad.json"

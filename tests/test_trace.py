@@ -49,6 +49,8 @@ CASES = {
     "asl-2pass-never-fires": ("asl-2pass", {"tau": 1e-6}, "float32", N),
     "fastkv-float64": ("fastkv", {}, "float64", 70),
     "asl-short-prompt": ("asl", {}, "float32", 3),  # N ≤ w: runs as full, with a note
+    "pyramidinfer": ("pyramidinfer", {}, "float32", N),
+    "pyramidinfer-prefill-only": ("pyramidinfer", {"gen_compress": False}, "float32", N),
 }
 
 
@@ -117,7 +119,7 @@ def test_every_method_gives_a_trace_that_validates(runs, case):
     gen, trace, arrays = runs[case]
     Draft202012Validator(schema()).validate(trace)
     json.dumps(trace, allow_nan=False)  # strict JSON: no NaN, no Infinity
-    assert trace["schema_version"] == 1
+    assert trace["schema_version"] == 2
     assert trace["method"] == CASES[case][0]
     assert len(trace["layers"]) == L
     assert [e["layer"] for e in trace["layers"]] == list(range(L))
@@ -345,7 +347,7 @@ def _grow_kv_tokens(doc):
 
 # name -> (edit of the JSON object, pattern the message must contain)
 BAD_DOCS = {
-    "schema_version": (_set(["schema_version"], 2), r"\$\.schema_version.*2.*1"),
+    "schema_version": (_set(["schema_version"], 3), r"\$\.schema_version.*3.*2"),
     "missing top-level field": (_delete(["totals"]), r"\$.*'totals' is a required property"),
     "missing layer field": (_delete(["layers", 3, "flops"]), r"\$\.layers\[3\].*'flops' is a required"),
     "kv_tokens length": (_grow_kv_tokens, r"\$\.layers\[3\]\.kv_tokens.*3 entries.*KV head \(2\)"),
@@ -507,3 +509,26 @@ def test_snapkv_margins_are_recorded_per_kv_head(tmp_path):
     path.write_text(json.dumps(doc))
     with pytest.raises(OracleError, match=r"layers\[3\]\.kv_boundary_gaps"):
         load_trace(path)
+
+
+def test_a_version_1_trace_is_told_what_changed_and_how_to_upgrade(runs, tmp_path):
+    """A trace written for schema_version 1 gets one line naming the new fields and the upgrade command,
+    and `upgrade` turns it into a valid version 2 trace, field for field what this version writes."""
+    from reference.oracle.trace import upgrade, validate_trace
+
+    for case in ("asl", "asl-2pass", "gemfilter", "full"):
+        _, trace, arrays = runs[case]
+        old = json.loads(json.dumps(trace))
+        old["schema_version"] = 1
+        del old["decode_compressions"]
+        for part in ("layers", "first_pass"):
+            for e in old[part] or []:
+                del e["kept_tokens"], e["keep_ratio"]
+        path = tmp_path / f"{case}.json"
+        path.write_text(json.dumps(old))
+        with pytest.raises(OracleError) as err:
+            load_trace(path)
+        message = str(err.value)
+        assert "\n" not in message and "kept_tokens" in message and "asl trace FILE --upgrade OUT" in message
+        assert upgrade(old) == trace
+        validate_trace(upgrade(old), arrays)

@@ -236,9 +236,9 @@ def gemfilter_first_pass(engine, ids: np.ndarray, p: Params) -> tuple[np.ndarray
     score = engine.gemfilter_scores(p.filter_layer, x, positions, GEMFILTER_KERNEL)  # (N,)
     count = min(p.select_k, N)
     record = LayerRecord(p.filter_layer, N, qk_flops(cfg, N), scores=score, ranks=ranks(score),
-                         boundary_gap=boundary_gap(score, count))
+                         boundary_gap=boundary_gap(score, count), kept=best(score, count))
     records.append(record)
-    return best(score, count), records
+    return record.kept, records
 
 
 # ---------------------------------------------------------------- entry point
@@ -306,6 +306,7 @@ def run_prefill(
         select_layer = engine.config.num_hidden_layers - 1
         rank = first.layers[select_layer].ranks  # (N-w,): the last layer was scored
         kept = kept_with_window(top_from_ranks(rank, select_k_prime(p.select_k, N, p.window)), N, p.window)
+        first.layers[select_layer].kept = kept
         notes.append(NEVER_FIRED_TWO_PASS.format(layer=select_layer))
     second = one_pass(engine, ids[kept], p, None)
     return result(second, len(kept), select_layer, kept, first.layers)

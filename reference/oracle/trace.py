@@ -29,13 +29,18 @@ import numpy as np
 
 from reference.asl.generate import Generation
 from reference.asl.methods import LayerRecord, layer_flops
-from reference.asl.params import METHOD
+from reference.asl.params import METHOD, Params, check_params
 from reference.errors import OracleError
 from reference.io.atomic import atomic_write
 from reference.io.checkpoint import shard_files
 from reference.model.config import Config
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+UPGRADE = {  # what each older version lacks, in one line, and how to upgrade
+    1: "version 2 added PyramidInfer: every layer entry gains kept_tokens (null, or len(kept_positions) at "
+       "select_layer) and keep_ratio (null), and the trace gains decode_compressions (null); make the trace again "
+       "with this asl-oracle, or upgrade it with `asl trace FILE --upgrade OUT`",
+}
 SCHEMA_PATH = Path(__file__).with_name("trace_schema.json")
 BYTES_PER_ELEMENT = {"float32": 4, "float64": 8}
 INF = "inf"  # JSON spelling of ratio = +inf (and margin = +inf)
@@ -85,6 +90,8 @@ def _layer_entry(rec: LayerRecord) -> dict:
         "margin": json_number(rec.margin),
         "boundary_gap": json_number(rec.boundary_gap),
         "kv_boundary_gaps": None if rec.kv_boundary_gaps is None else [json_number(g) for g in rec.kv_boundary_gaps],
+        "kept_tokens": None if rec.kept is None else len(rec.kept),
+        "keep_ratio": json_number(rec.keep_ratio),
     }
 
 
@@ -120,7 +127,7 @@ def make_trace(
     trace = {
         "schema_version": SCHEMA_VERSION,
         "method": run.method,
-        "params": run.params.to_dict(),
+        "params": run.params.to_dict(run.method),
         "model": {
             "name": model_name,
             "sha256": model_sha256,
@@ -144,6 +151,10 @@ def make_trace(
         "notes": list(run.notes),
         "layers": layers,
         "first_pass": first_pass,
+        "decode_compressions": None if run.decode_state is None else [
+            {"step": c.step, "layer": c.layer, "recent": c.recent, "scored_positions": [int(q) for q in c.scored],
+             "kept_positions": [int(q) for q in c.kept], "boundary_gap": json_number(c.gap)}
+            for c in gen.compressions],
         "totals": {
             "bytes_per_element": bpe,
             "kv_bytes": kv_bytes,
@@ -162,7 +173,31 @@ def make_trace(
             arrays[f"kv_positions/{rec.layer}/{g}"] = np.asarray(pos, dtype=np.int64)  # (S,)
         for g, score in enumerate(rec.kv_scores if rec.kv_scores is not None else []):
             arrays[f"kv_scores/{rec.layer}/{g}"] = np.asarray(score)  # (n-w,): SnapKV's score_g, by the layer's rows
+        if rec.kept is not None and METHOD[run.method].per_layer:
+            arrays[f"kept/{rec.layer}"] = np.asarray(rec.kept, dtype=np.int64)  # (kept_tokens,)
+    for i, c in enumerate(gen.compressions):
+        arrays[f"decode_scores/{i}"] = np.asarray(c.scores)  # (len(scored_positions),)
     return trace, arrays
+
+
+def upgrade(doc: dict) -> dict:
+    """A trace of an older schema_version brought to this one (UPGRADE says what each version added)."""
+    version = doc.get("schema_version") if isinstance(doc, dict) else None
+    if version == SCHEMA_VERSION:
+        return doc
+    if version != 1:
+        raise OracleError(f"schema_version {version!r}: no upgrade known (this reader understands {SCHEMA_VERSION})")
+    doc = json.loads(json.dumps(doc))
+    for part in ("layers", "first_pass"):
+        for e in doc.get(part) or []:
+            if isinstance(e, dict):
+                selected = e.get("layer") == doc.get("select_layer") and doc.get("kept_positions") is not None
+                own_pass = part == "first_pass" or not doc.get("first_pass")
+                e["kept_tokens"] = len(doc["kept_positions"]) if selected and own_pass else None
+                e["keep_ratio"] = None
+    doc["decode_compressions"] = None
+    doc["schema_version"] = SCHEMA_VERSION
+    return doc
 
 
 # ---------------------------------------------------------------- validation
@@ -289,6 +324,10 @@ def _check_consistency(doc: dict) -> None:
         raise _Invalid("$.next_position", f"is {doc['next_position']}; expected {rule} = {expected_next}")
     if len(doc["layers"]) != L:
         raise _Invalid("$.layers", f"has {len(doc['layers'])} entries; expected one per layer ({L})")
+    _check_params(doc)
+    if METHOD[doc["method"]].per_layer and (select is not None or first is not None):
+        raise _Invalid("$.select_layer", "expected null (and first_pass null): pyramidinfer selects at every deciding "
+                                         "layer (layers[].kept_tokens), never once")
     _check_layers(doc["layers"], "$.layers", doc, expected_next, first_pass=False)
     tau = doc["params"]["tau"]
     _check_margin(doc["layers"], "$.layers", tau)
@@ -297,7 +336,59 @@ def _check_consistency(doc: dict) -> None:
             raise _Invalid("$.first_pass", f"has {len(first)} entries; expected 1 to {L}")
         _check_layers(first, "$.first_pass", doc, N, first_pass=True)
         _check_margin(first, "$.first_pass", tau)
+    _check_kept_tokens(doc, first)
     _check_totals(doc, bpe)
+
+
+def _check_params(doc: dict) -> None:
+    """The parameters in the ranges the method itself checks (the same words `asl run` says)."""
+    try:
+        check_params(doc["method"], Params(**doc["params"]), doc["model"]["num_hidden_layers"])
+    except OracleError as e:
+        raise _Invalid("$.params", str(e)) from None
+
+
+def _check_kept_tokens(doc: dict, first) -> None:
+    """Each layer of a pass holds what the layer before it kept; a one-shot selection keeps at select_layer only."""
+    m, select, kept = METHOD[doc["method"]], doc["select_layer"], doc["kept_positions"]
+    for part, entries in (("layers", doc["layers"]), ("first_pass", first or [])):
+        for a, b in zip(entries, entries[1:]):
+            held = a["prefill_tokens"] if a["kept_tokens"] is None else a["kept_tokens"]
+            if b["prefill_tokens"] != held:
+                raise _Invalid(f"$.{part}[{b['layer']}].prefill_tokens", f"is {b['prefill_tokens']}; expected {held}, "
+                               f"what layer {a['layer']} {'kept' if a['kept_tokens'] is not None else 'held'}")
+        for e in entries:
+            at = f"$.{part}[{e['layer']}]"
+            if e["kept_tokens"] is not None and e["kept_tokens"] > e["prefill_tokens"]:
+                raise _Invalid(f"{at}.kept_tokens", f"is {e['kept_tokens']}; expected at most prefill_tokens "
+                               f"({e['prefill_tokens']})")
+            if not m.per_layer:
+                selecting = kept is not None and e["layer"] == select and (part == "first_pass") == (first is not None)
+                want = len(kept) if selecting else None
+                if e["kept_tokens"] != want:
+                    raise _Invalid(f"{at}.kept_tokens", f"is {e['kept_tokens']}; expected {want} ({doc['method']} "
+                                   "selects once, at select_layer, keeping len(kept_positions))")
+            if (e["keep_ratio"] is not None) and not (m.per_layer and e["layer"] % doc["params"][
+                    "layerwise_downsample_interval"] == 0):
+                raise _Invalid(f"{at}.keep_ratio", "is set; expected null (only PyramidInfer's deciding layers have one)")
+    compressions = doc["decode_compressions"]
+    on = m.per_layer and doc["params"]["gen_compress"]
+    if (compressions is not None) != on:
+        raise _Invalid("$.decode_compressions", f"is {'a list' if compressions is not None else 'null'}; expected "
+                       f"{'a list (possibly empty)' if on else 'null'}: only PyramidInfer with gen_compress compresses "
+                       "in decoding")
+    L, fed = doc["model"]["num_hidden_layers"], max(len(doc["generated_ids"]) - 1, 0)
+    for i, c in enumerate(compressions or []):
+        at = f"$.decode_compressions[{i}]"
+        if c["layer"] >= L or c["step"] > fed:
+            raise _Invalid(at, f"step {c['step']}, layer {c['layer']}: expected a layer < {L} and a step ≤ {fed} "
+                               "(the tokens fed back: every generated token but the last)")
+        scored, kept_here = c["scored_positions"], c["kept_positions"]
+        for name, pos in (("scored_positions", scored), ("kept_positions", kept_here)):
+            if any(a >= b for a, b in zip(pos, pos[1:])):
+                raise _Invalid(f"{at}.{name}", "expected strictly ascending positions")
+        if not set(kept_here) <= set(scored):
+            raise _Invalid(f"{at}.kept_positions", "expected a subset of scored_positions")
 
 
 def _check_totals(doc: dict, bpe: int) -> None:
@@ -334,6 +425,10 @@ def _expected_arrays(doc: dict) -> dict[str, int | None]:
         if e["kv_boundary_gaps"] is not None:  # SnapKV decided here: the scores it decided on, per KV head
             for g in range(len(e["kv_tokens"])):
                 names[f"kv_scores/{e['layer']}/{g}"] = e["prefill_tokens"] - doc["params"]["window"]
+        if e["kept_tokens"] is not None and METHOD[doc["method"]].per_layer:
+            names[f"kept/{e['layer']}"] = e["kept_tokens"]
+    for i, c in enumerate(doc["decode_compressions"] or []):
+        names[f"decode_scores/{i}"] = len(c["scored_positions"])
     return names
 
 
@@ -346,7 +441,7 @@ def _check_arrays(doc: dict, arrays: dict[str, np.ndarray]) -> None:
     if extra:
         raise _Invalid(f"array '{extra[0]}'", "is not implied by the JSON fields (no such scored layer or KV head)")
     for name, a in arrays.items():
-        kind = "f" if name == "logits" or "scores/" in name else "i"
+        kind = "f" if name == "logits" or "scores/" in name else "i"  # scores/, kv_scores/, decode_scores/
         if a.ndim != 1 or a.dtype.kind != kind:
             want = "floating" if kind == "f" else "integer"
             raise _Invalid(f"array '{name}'", f"has shape {a.shape} and dtype {a.dtype}; expected a 1-D {want} array")
@@ -359,6 +454,10 @@ def _check_arrays(doc: dict, arrays: dict[str, np.ndarray]) -> None:
             rank, score = arrays[name], arrays[name.replace("ranks/", "scores/")]
             if len(rank) != len(score) or not np.array_equal(np.sort(rank), np.arange(1, len(rank) + 1)):
                 raise _Invalid(f"array '{name}'", "expected a permutation of 1 .. len(scores)")
+        if name.startswith("kept/"):
+            pos, N = arrays[name], doc["num_prompt_tokens"]
+            if len(pos) and (pos[0] < 0 or pos[-1] >= N or (np.diff(pos) <= 0).any()):
+                raise _Invalid(f"array '{name}'", f"expected strictly ascending prompt positions in [0, {N})")
         if name.startswith("kv_positions/"):
             pos = arrays[name]
             if len(pos) and (pos[0] < 0 or pos[-1] >= doc["next_position"] or (np.diff(pos) <= 0).any()):
@@ -369,6 +468,8 @@ def _validate(doc, arrays: dict[str, np.ndarray] | None) -> None:
     if not isinstance(doc, dict):
         raise _Invalid("$", f"is a JSON {type(doc).__name__}; expected an object")
     version = doc.get("schema_version")
+    if version in UPGRADE:
+        raise _Invalid("$.schema_version", f"is {version}, this reader's is {SCHEMA_VERSION}: {UPGRADE[version]}")
     if version != SCHEMA_VERSION:
         raise _Invalid("$.schema_version", f"is {version!r}; this reader understands {SCHEMA_VERSION} only "
                        "(re-make the trace with this version of asl-oracle)")
@@ -403,7 +504,7 @@ def save_trace(trace: dict, arrays: dict[str, np.ndarray], path: str | Path, *, 
         raise OracleError(f"cannot write the trace to {path}: {e.strerror or e}") from None
 
 
-def _read_npz(path: Path, trace_name: str) -> dict[str, np.ndarray]:
+def read_npz(path: Path, trace_name: str) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise OracleError(f"{path}: missing, but {trace_name} names it in arrays_file; copy it next to "
                           "the JSON, or set arrays_file to null")
@@ -443,7 +544,7 @@ def load_trace(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     if doc["arrays_file"] is None:
         return doc, {}
     npz = path.parent / doc["arrays_file"]
-    arrays = _read_npz(npz, path.name)
+    arrays = read_npz(npz, path.name)
     try:
         _check_arrays(doc, arrays)
     except _Invalid as e:
