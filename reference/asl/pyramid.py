@@ -71,21 +71,29 @@ def weighted_rows(rows: np.ndarray, context: int, distance_weight: float) -> np.
     return out
 
 
+def prefill_keep_count(c: int, layer: int, n_layers: int, N: int, p) -> int | None:
+    """How many of the c context tokens a deciding layer keeps: int(c · r(i)), or all c when that is not above
+    m = min(min_context_length, N − 1 − R); None (no decision) unless c > m and r(i) < 1."""
+    m = min(p.min_context_length, N - 1 - recent_length(N, p.recent_ratio))
+    r = schedule(layer, n_layers, p.prefill_decay_ratio, p.prefill_decay_strategy)
+    if not (c > m and r < 1.0):
+        return None
+    k = int(c * r)
+    return c if k <= m else k
+
+
 def prefill_decision(rows: np.ndarray, layer: int, n_layers: int, N: int, p) -> tuple[PrefillDecision, np.ndarray]:
     """Layer `layer`'s decision from the head-averaged attention rows of its last W queries (W, n).
 
     Returns the decision and the weighted rows the layer keeps for decoding (`weighted_rows`)."""
     W, n = rows.shape
     c = n - W
-    m = min(p.min_context_length, N - 1 - recent_length(N, p.recent_ratio))
     weighted = weighted_rows(rows, c, p.distance_weight)
     s = weighted[:, :c].mean(axis=0)  # (c,)
     r = schedule(layer, n_layers, p.prefill_decay_ratio, p.prefill_decay_strategy)
-    if not (c > m and r < 1.0):
+    k = prefill_keep_count(c, layer, n_layers, N, p)
+    if k is None:
         return PrefillDecision(s, r, None, None, None), weighted
-    k = int(c * r)
-    if k <= m:
-        k = c
     forced = sink_forced(s, p.streamingllm_sink_len)
     kept = np.concatenate([best(forced, k), np.arange(c, n)]).astype(np.int64)
     return PrefillDecision(s, r, k, kept if k < c else None, boundary_gap(forced, k)), weighted
@@ -131,6 +139,22 @@ def initial_state(stored_rows: list[np.ndarray], cache_lengths: list[int], N: in
     return DecodeState(list(stored_rows), counts, N)
 
 
+def scored_slice(seen: int, recent: int, count: int, total: int, E: int) -> tuple[int, int] | None:
+    """The cache rows [a, b) a decode-stage compression scores, or None when the layer does not compress now.
+
+    seen: N + t, what the authors' cache counts as seen; recent: R of this step; count: P_i; total: the cache
+    length with the new token. The slice is their [-(R + 1 + E) : -(R + 1)], with Python's clipping: the E
+    entries before the last R + 1, fewer when fewer exist; an empty slice compresses nothing (theirs fails)."""
+    a, b, _ = slice(-(recent + 1 + E), -(recent + 1)).indices(total)
+    return (a, b) if seen - recent - count >= E and b > a else None
+
+
+def decode_keep_count(n_scored: int, layer: int, n_layers: int, p) -> int:
+    """max(int(E' · gen_compress_ratio · g(i)), 1) of the E' scored entries stay (the product in their order)."""
+    g = schedule(layer, n_layers, p.gen_decay_ratio, p.gen_decay_strategy)
+    return max(int(n_scored * p.gen_compress_ratio * g), 1)
+
+
 def decode_compress(state: DecodeState, attention: list[np.ndarray], positions: list[np.ndarray], step: int,
                     layer0_before: int, p, n_layers: int
                     ) -> tuple[DecodeState, list[np.ndarray | None], list[Compression]]:
@@ -151,13 +175,13 @@ def decode_compress(state: DecodeState, attention: list[np.ndarray], positions: 
         rows[-1] = row
         keep = None
         total = len(row)
-        a, b, _ = slice(-(W + E), -W).indices(total)
-        if seen - R - counts[i] >= E and b > a:  # an empty slice: the authors' top-k of nothing fails; no change
+        where = scored_slice(seen, R, counts[i], total, E)
+        if where is not None:
+            a, b = where
             recent = rows[-W:]  # Python slicing: every row when fewer exist
             recent[:, a:b] *= distance_weights(len(recent), p.distance_weight, rows.dtype)[:, None]  # in place
             s = recent[:, a:b].mean(axis=0)  # (b - a,)
-            g = schedule(i, n_layers, p.gen_decay_ratio, p.gen_decay_strategy)
-            k = max(int((b - a) * p.gen_compress_ratio * g), 1)
+            k = decode_keep_count(b - a, i, n_layers, p)
             chosen = best(s, k)
             keep = np.concatenate([np.arange(a), a + chosen, np.arange(b, total)]).astype(np.int64)
             rows = rows[:, keep]

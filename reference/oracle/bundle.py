@@ -45,7 +45,7 @@ from reference.oracle.trace import (
 )
 from reference.oracle.verdicts import NEAR, PASS
 
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # 2: its traces are schema_version 2 (PyramidInfer's fields); a version-1 bundle is rewritten
 
 
 def default_cases(model: str):
@@ -67,17 +67,50 @@ def default_cases(model: str):
     return cases
 
 
-def read_cases(path: Path, model: str):
-    """Cases from a JSON file: [{"name", "method", "n_tokens", "params": {...}, "seed", "max_new_tokens"}, ...]."""
+CASES_SCHEMA = {  # what a --cases file may hold; each value's type is checked here, its range by case_params
+    "type": "array",
+    "items": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["name", "method", "n_tokens"],
+        "properties": {
+            "name": {"type": "string", "description": "a plain file name (letters, digits, - _ . +)"},
+            "method": {"type": "string", "description": "one of the methods (asl run --help)"},
+            "n_tokens": {"type": "integer", "minimum": 1, "description": "an integer ≥ 1 (the prompt length)"},
+            "params": {"type": "object", "description": "an object of parameter values (docs/semantics.md)"},
+            "seed": {"type": "integer", "minimum": 0, "description": "an integer ≥ 0"},
+            "max_new_tokens": {"type": "integer", "minimum": 0, "description": "an integer ≥ 0"},
+        },
+    },
+}
 
-    try:
-        raw = json.loads(Path(path).read_text())
-        cases = [Case(c["name"], model, c["method"], int(c["n_tokens"]), dict(c.get("params", {})),
-                      int(c.get("seed", 0)), int(c.get("max_new_tokens", 8))) for c in raw]
-    except FileNotFoundError:
-        raise OracleError(f"--cases: {path} not found") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise OracleError(f"--cases: {path} must be a JSON list of cases with name, method, n_tokens ({e!r})") from None
+
+def _schema_error(doc, schema) -> str | None:
+    """The first way `doc` breaks `schema`, as "$[2].n_tokens: 12.9 is not of type 'integer' (expected: ...)"."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
+
+    error = best_match(Draft202012Validator(schema).iter_errors(doc))
+    if error is None:
+        return None
+    expected = f" (expected: {error.schema['description']})" if "description" in error.schema else ""
+    return f"{error.json_path}: {error.message}{expected}"
+
+
+def read_cases(path: Path, model: str):
+    """Cases from a JSON file: [{"name", "method", "n_tokens", "params": {...}, "seed", "max_new_tokens"}, ...].
+    A value of the wrong type is refused with its key (12.9 tokens, a seed of true, "4" new tokens), never
+    converted; ranges and parameters are checked by case_params as for every other case."""
+
+    raw = _read_json(Path(path), "--cases takes a JSON list of cases with name, method, n_tokens") \
+        if Path(path).exists() else None
+    if raw is None:
+        raise OracleError(f"--cases: {path} not found")
+    wrong = _schema_error(raw, CASES_SCHEMA)
+    if wrong is not None:
+        raise OracleError(f"--cases: {path}: {wrong}")
+    cases = [Case(c["name"], model, c["method"], c["n_tokens"], dict(c.get("params", {})), c.get("seed", 0),
+                  c.get("max_new_tokens", 8)) for c in raw]
     names = [c.name for c in cases]
     bad = [n for n in names if not plain_case_name(n)]
     if bad:
@@ -113,7 +146,7 @@ def write_bundle(model: str, cases, out: Path, dtype: str = "float64", progress:
         trace, arrays = make_trace(gen, model_name=model, model_sha256=sha, config=weights.config, dtype=dtype)
         save_trace(trace, arrays, out / f"{case.name}.trace.json", with_arrays=True)
         inputs = {"case": case.name, "model": {"name": model, "sha256": sha}, "prompt_ids": [int(i) for i in ids],
-                  "method": case.method, "params": params.to_dict(), "max_new_tokens": case.max_new_tokens,
+                  "method": case.method, "params": params.to_dict(case.method), "max_new_tokens": case.max_new_tokens,
                   "eos_token_ids": list(eos), "dtype": dtype}
         atomic_write(out / f"{case.name}.inputs.json", json.dumps(inputs, indent=1) + "\n")
     manifest = {"bundle_version": BUNDLE_VERSION, "cases": [c.name for c in cases],
@@ -175,7 +208,11 @@ def read_manifest(bundle: Path) -> dict:
     if not path.is_file():
         raise OracleError(f"{bundle}: no manifest.json; is this a bundle written by `asl golden`?")
     manifest = _read_json(path, "rewrite the bundle with `asl golden`")
-    if not isinstance(manifest, dict) or manifest.get("bundle_version") != BUNDLE_VERSION:
+    version = manifest.get("bundle_version") if isinstance(manifest, dict) else None
+    if version == 1:
+        raise OracleError(f"{path}: bundle_version 1; version 2 holds schema-2 traces (PyramidInfer's kept sets per "
+                          "layer and decode-stage compressions): rewrite the bundle with `asl golden` of this asl-oracle")
+    if version != BUNDLE_VERSION:
         raise OracleError(f"{path}: bundle_version must be {BUNDLE_VERSION}; rewrite the bundle with this asl-oracle")
     cases = manifest.get("cases")
     if not isinstance(cases, list):

@@ -42,6 +42,7 @@ import numpy as np
 
 from reference.asl.params import METHOD
 from reference.asl.selection import boundary_score
+from reference.oracle import pyramid_rules
 from reference.oracle.consistency import (
     check_own_decisions,
     check_scored,
@@ -89,7 +90,14 @@ def record_from_trace(trace: dict, arrays: dict, score_layers=None) -> dict:
     # two-pass methods decide in their first pass: the scores of its selection layer always judge their kept set
     first_shown = sorted(set(shown(first)) | ({trace["select_layer"]} if first else set()))
     n_heads = {e["layer"]: len(e["kv_tokens"]) for e in trace["layers"]}
-    return {
+    keys = LAYER_KEYS + (("kept_tokens", "keep_ratio") if METHOD[trace["method"]].per_layer else ())
+    per_layer = {} if not METHOD[trace["method"]].per_layer else {  # PyramidInfer's decisions (schema 2)
+        "kept": by_layer("kept", [e["layer"] for e in trace["layers"] if e["kept_tokens"] is not None]),
+        "decode_compressions": trace["decode_compressions"],
+        "decode_scores": {str(i): np.asarray(arrays[f"decode_scores/{i}"], dtype=np.float64).tolist()
+                          for i in range(len(trace["decode_compressions"] or [])) if f"decode_scores/{i}" in arrays},
+    }
+    return per_layer | {
         "method": trace["method"],
         "params": trace["params"],
         "num_prompt_tokens": trace["num_prompt_tokens"],
@@ -100,7 +108,7 @@ def record_from_trace(trace: dict, arrays: dict, score_layers=None) -> dict:
         "generated_ids": trace["generated_ids"],
         "generated_gaps": trace["generated_gaps"],
         "notes": trace["notes"],
-        "layers": [{k: e[k] for k in LAYER_KEYS} for e in trace["layers"]],
+        "layers": [{k: e[k] for k in keys} for e in trace["layers"]],
         "first_pass": None if first is None else [{k: e[k] for k in LAYER_KEYS} for e in first],
         "ranks": by_layer("ranks", shown(trace["layers"])),
         "scores": by_layer("scores", shown(trace["layers"]), np.float64),
@@ -118,8 +126,11 @@ def unchecked(got: dict) -> list[str]:
     """What the comparison could not check for want of the candidate's arrays (its .npz)."""
     if got.get("arrays"):
         return []
-    return ["rule 0, the candidate's decisions from its own ranks and scores (arrays ranks/, scores/, kv_scores/)",
-            "SnapKV's cached positions per KV head (kv_positions/)", "the next-token logits (logits)"]
+    missing = ["rule 0, the candidate's decisions from its own ranks and scores (arrays ranks/, scores/, kv_scores/)",
+               "SnapKV's cached positions per KV head (kv_positions/)", "the next-token logits (logits)"]
+    if METHOD[got["method"]].per_layer:
+        missing += ["PyramidInfer's kept positions per layer (kept/) and decode-stage scores (decode_scores/)"]
+    return missing
 
 
 # ---------------------------------------------------------------- rules 1 and 2
@@ -342,7 +353,8 @@ def compare(expected: dict, got: dict, tol: Tolerance) -> tuple[str, list[Findin
     hidden = check_scored(got)  # a layer SPEC scores must carry its scores: no decision left out of rule 0
     if hidden:
         return FAIL, hidden
-    f = _check_kept(expected, got, tol)
+    f = _check_kept(expected, got, tol) if not METHOD[expected["method"]].per_layer else \
+        pyramid_rules.compare_prefill(expected, got, tol)
     if f is not None:  # later layers ran on other tokens: stop here
         return f.verdict, [f]
     findings += _check_layers(expected, got, tol)
@@ -351,6 +363,9 @@ def compare(expected: dict, got: dict, tol: Tolerance) -> tuple[str, list[Findin
     if expected["next_position"] != got["next_position"]:
         return FAIL, findings + [Finding(FAIL, "next_position", f"expected {expected['next_position']}, "
                                          f"got {got['next_position']}")]
+    f = pyramid_rules.compare_decode(expected, got, tol) if METHOD[expected["method"]].per_layer else None
+    if f is not None:  # the caches part after a decode step: the logits before it are still comparable
+        findings.append(f)
     if not any(x.verdict == NEAR for x in findings):  # caches equal: logits and tokens are comparable
         findings += _check_logits_and_tokens(expected, got, tol)
         findings += _score_notes(expected, got, tol)

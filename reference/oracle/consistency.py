@@ -30,6 +30,7 @@ from reference.asl.selection import (
     select_k_prime,
     top_from_ranks,
 )
+from reference.oracle import pyramid_rules
 from reference.oracle.verdicts import FAIL, Finding, apart
 
 CANDIDATE_VS_RULE = ("kept only by the candidate", "kept by the rule only")
@@ -54,6 +55,8 @@ def scored_layers(rec: dict) -> tuple[set, set]:
     (layers of the decoding pass, layers of the first pass)."""
     m, p, N, select = METHOD[rec["method"]], rec["params"], rec["num_prompt_tokens"], rec["select_layer"]
     L = len(rec["layers"])
+    if m.per_layer:
+        return pyramid_rules.scored_layers(rec), set()
     if not m.selects or N <= p["window"]:  # N ≤ w: ran as full
         return set(), set()
     first = m.first_scored(Params(**p), L)
@@ -94,6 +97,8 @@ def check_ranks(got: dict) -> list:
             if scores is None:
                 continue
             scores, rank = np.asarray(scores), np.asarray(rank)
+            if METHOD[got["method"]].per_layer:  # PyramidInfer ranks its sinks first (their score: the largest float)
+                scores = pyramid_rules.pyramid.sink_forced(scores, got["params"]["streamingllm_sink_len"])
             bad = np.flatnonzero(ranks(scores) != rank)
             if bad.size:
                 j = int(bad[0])
@@ -217,10 +222,12 @@ def check_snapkv(got: dict) -> list:
 
 
 def check_own_decisions(got: dict, tolerance) -> list:
-    """Rule 0 in order: ranks from scores, the criterion from ranks, the kept set, SnapKV's caches. Each needs
+    """Rule 0 in order: ranks from scores, the criterion from ranks, the kept set, SnapKV's caches, PyramidInfer's
+    kept sets per layer and its decode-stage compressions (pyramid_rules). Each needs
     the candidate's arrays and skips what is not there; `check_scored` (JSON only) makes sure nothing was left
     out of them."""
-    for rule in (check_ranks, lambda r: check_criterion(r, tolerance), check_kept, check_snapkv):
+    for rule in (check_ranks, lambda r: check_criterion(r, tolerance), check_kept, check_snapkv,
+                 pyramid_rules.check_own):
         found = rule(got)
         if found:
             return found

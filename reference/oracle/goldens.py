@@ -87,6 +87,20 @@ def default_cases() -> list[Case]:
             Case(f"{model}-asl-kv-budget-ties", model, "asl", 150, {"kv_budget": 40, "pooling": "max", "kernel": 9}),
             # N = 3 under GemFilter's width-5 pooling: every window holds the whole prompt, all scores tie
             Case(f"{model}-edge-gemfilter-ties", model, "gemfilter", 3, {"window": 1, "select_k": 2}),
+            # PyramidInfer: the authors' defaults (a kept set at every layer, then the decode stage), every
+            # other layer deciding with a short minimum context, a prefill-only run, aggressive pruning that
+            # needs its sinks, and a "linear" schedule (the constant d in the authors' code)
+            Case(f"{model}-pyramidinfer", model, "pyramidinfer", 150, max_new_tokens=8),
+            Case(f"{model}-pyramidinfer-interval", model, "pyramidinfer", 150,
+                 {"layerwise_downsample_interval": 3, "min_context_length": 8, "streamingllm_sink_len": 2},
+                 max_new_tokens=8),
+            Case(f"{model}-pyramidinfer-prefill-only", model, "pyramidinfer", 150, {"gen_compress": False}),
+            Case(f"{model}-pyramidinfer-aggressive", model, "pyramidinfer", 150,
+                 {"prefill_decay_ratio": 0.2, "min_context_length": 8, "recent_ratio": 0.1, "gen_decay_ratio": 0.5,
+                  "exceed_length_to_compress": 6}, max_new_tokens=8),
+            Case(f"{model}-pyramidinfer-linear", model, "pyramidinfer", 150,
+                 {"prefill_decay_strategy": "linear", "gen_decay_strategy": "linear", "min_context_length": 16},
+                 max_new_tokens=8),
         ]
     return cases
 
@@ -122,7 +136,7 @@ def run_case(case: Case, engine_factory=None, dtype: str = "float64") -> dict:
         "model": case.model,
         "dtype": dtype,
         "method": case.method,
-        "params": params.to_dict(),
+        "params": params.to_dict(case.method),
         "prompt_ids": case.prompt_ids(),
         "max_new_tokens": case.max_new_tokens,
         "expected": record,

@@ -35,6 +35,7 @@ import numpy as np
 import reference.asl.criterion as criterion
 import reference.asl.generate as generate_module
 import reference.asl.methods as methods
+import reference.asl.pyramid as pyramid
 import reference.asl.scoring as scoring
 from reference.asl.engine import ReferenceEngine
 from reference.asl.params import Params
@@ -255,7 +256,44 @@ def _two_pass_as_full_when_never_fired(engine, prompt_ids, method="full", params
     return methods.run_prefill(engine, prompt_ids, method, params)
 
 
+class RenumberedAfterPruning(ReferenceEngine):
+    """After each PyramidInfer pruning the survivors get fresh positions 0 .. n-1 (rope and cache)."""
+
+    def layer(self, i, x, positions, q_rows):
+        fresh = np.arange(len(positions))
+        x, cache, q = decoder_layer(x, self.weights.layers[i], self.config, fresh, None)
+        return x, cache, q[:, -q_rows:]
+
+
+def _pyramid_keep_count_of_n(c, layer, n_layers, N, p):
+    """PyramidInfer's budget int(N · r(i)) from the prompt length instead of the layer's context c."""
+    k = _keep_count(c, layer, n_layers, N, p)
+    return None if k is None else min(int(N * pyramid.schedule(layer, n_layers, p.prefill_decay_ratio,
+                                                                p.prefill_decay_strategy)), c)
+
+
+def _pyramid_keep_count_no_minimum(c, layer, n_layers, N, p):
+    """PyramidInfer's budget without the min_context_length floor: int(c · r(i)) even when it is not above m."""
+    r = pyramid.schedule(layer, n_layers, p.prefill_decay_ratio, p.prefill_decay_strategy)
+    return int(c * r) if r < 1.0 and c > 0 and int(c * r) > 0 else None
+
+
+def _linear_for_cosine(i, n_layers, d, strategy):
+    """The schedule (1 - d) · i / L + d (linear) where the method says cosine."""
+    return (1.0 - d) * (i / n_layers) + d if strategy == "cosine" else d
+
+
+def _initial_counts_of_every_layer(stored_rows, cache_lengths, N):
+    """Decoding bookkeeping that starts every P_i at its layer's cache length (the authors' code does so for
+    the last layer only)."""
+    state = _initial_state(stored_rows, cache_lengths, N)
+    return dataclasses.replace(state, counts=list(cache_lengths))
+
+
+_keep_count = pyramid.prefill_keep_count
+_initial_state = pyramid.initial_state
 _variance = criterion.rank_variance
+PYRAMID_FIELD = r"kept\[\d+\]|layers\[\d+\]\.(kept_tokens|prefill_tokens)"
 CATALOGUE = (
     Mutation("criterion-le", "the criterion fires at ratio <= tau instead of ratio < tau", r"select_layer",
              ((criterion, "fires", lambda ratio, tau: ratio != float("inf") and ratio <= Fraction(tau)),),
@@ -324,6 +362,33 @@ CATALOGUE = (
              neutral=True, cases=("snapkv",)),
     Mutation("gemfilter-scaled", "GemFilter's dot products divided by sqrt(d)", r"^first_pass_scores$",
              engine=GemFilterScaled, neutral=True, cases=("gemfilter",)),
+    # PyramidInfer
+    Mutation("pyramid-no-distance-weight", "PyramidInfer's window rows are averaged without the distance weights",
+             PYRAMID_FIELD + r"|decode_compressions", ((pyramid, "distance_weights",
+                                                        lambda rows, dw, dtype: np.ones(rows, dtype=dtype)),),
+             cases=("pyramidinfer", "pyramidinfer-aggressive")),
+    Mutation("pyramid-sinks-not-forced", "PyramidInfer does not force its first streamingllm_sink_len context tokens",
+             PYRAMID_FIELD, ((pyramid, "prefill_decision", rebind(pyramid.prefill_decision,
+                                                                   sink_forced=lambda s, k: np.asarray(s).copy())),),
+             cases=("pyramidinfer-aggressive", "pyramidinfer")),
+    Mutation("pyramid-linear-for-cosine", "PyramidInfer's cosine schedule computed as the linear one",
+             PYRAMID_FIELD + r"|decode_compressions", ((pyramid, "schedule", _linear_for_cosine),),
+             cases=("pyramidinfer",)),
+    Mutation("pyramid-ratio-of-n", "PyramidInfer's budget int(N · r(i)) instead of int(c · r(i)) of the context",
+             PYRAMID_FIELD, ((pyramid, "prefill_keep_count", _pyramid_keep_count_of_n),), cases=("pyramidinfer",)),
+    Mutation("pyramid-window-without-plus-one", "PyramidInfer's window is int(N · ratio) tokens, not 1 + int(N · ratio)",
+             PYRAMID_FIELD + r"|decode_compressions",
+             ((pyramid, "recent_length", lambda n, ratio: int(n * ratio) - 1),
+              (methods, "recent_length", lambda n, ratio: int(n * ratio) - 1)), cases=("pyramidinfer",)),
+    Mutation("pyramid-no-min-context", "PyramidInfer ignores min_context_length (prunes to int(c · r) however short)",
+             PYRAMID_FIELD, ((pyramid, "prefill_keep_count", _pyramid_keep_count_no_minimum),),
+             cases=("pyramidinfer", "pyramidinfer-linear")),
+    Mutation("pyramid-renumbered-positions", "after a PyramidInfer pruning the survivors get fresh positions",
+             PYRAMID_FIELD + r"|kv_positions\[\d+\]\[\d+\]|decode_compressions|logits", engine=RenumberedAfterPruning,
+             cases=("pyramidinfer",)),
+    Mutation("pyramid-decode-counts", "PyramidInfer's decode bookkeeping starts every P_i at the layer's cache "
+             "length (the authors' code: 0 but for the last layer)", r"decode_compressions",
+             ((pyramid, "initial_state", _initial_counts_of_every_layer),), cases=("pyramidinfer",)),
 )
 
 
