@@ -16,8 +16,12 @@ reference are in how, never in what:
   same positions is kept with the cache, not compared per decoding step;
 - on a device, host syncs once per layer or step, never per block: a prefill
   layer takes three (the shift's quiet heads, the fallback check, the
-  finiteness check), a decoding step one (its logits);
-- window scores computed per KV group from the last w queries only.
+  finiteness check), a decoding step one (its logits), and PyramidInfer one
+  more for each: its window's attention rows (`recent_attention`) per deciding
+  layer, every layer's attention row of a decoding step (`decode(attention=True)`)
+  gathered on the device and fetched together;
+- window scores computed per KV group from the last w queries only, PyramidInfer's
+  attention rows per KV group and block of window rows (never (H, W, n) at once).
 Scores and logits come back to the host as float32 NumPy arrays.
 
 (Length: one engine: the Engine protocol's methods plus the port's preallocated caches and CPU threads; splitting it would scatter one engine's state.)
@@ -41,6 +45,7 @@ from reference.model.weights import Weights
 F32 = np.float32
 MIN_ROWS_PER_THREAD = 64  # fewer rows than this per thread: run token-wise work in one piece
 DEVICE_DECODE_BLOCK_K = 1 << 19
+WINDOW_SCORES_PER_BLOCK = 1 << 24  # PyramidInfer's window rows: at most this many float32 scores (64 MB) per block
 
 
 def blas_single_threaded(method):
@@ -93,6 +98,8 @@ class PortLayerCache:
     pos: np.ndarray  # (H_kv, capacity) int64 on the host
     lengths: list[int]  # per KV head
     aligned: bool = True  # every KV head holds the same positions (set by compress, kept by append)
+    shared: bool = False  # another cache reads the same storage (decode's new caches and their old ones): compress
+    # must not compact it in place (`PortEngine.compress`)
 
     def head(self, g: int):
         n = self.lengths[g]
@@ -189,6 +196,7 @@ class PortEngine:
                 new[:, :cap] = old
                 setattr(cache, name, new)
             cache.pos = np.concatenate([cache.pos, np.zeros_like(cache.pos)], axis=1)
+            cache.shared = False  # new buffers, its own: the old ones stay with the caches that read them
         n = cache.lengths[0]
         if all(m == n for m in cache.lengths):
             cache.k[:, n], cache.v[:, n], cache.pos[:, n] = k[:, 0], v[:, 0], position
@@ -269,6 +277,49 @@ class PortEngine:
         self.each(range(self.config.num_key_value_heads), group)
         return to_host(pool(u, kernel, pooling, xp=xp))
 
+    def attention_rows(self, q_rows, cache: PortLayerCache):
+        """The attention probabilities of the last W queries q_rows (H, W, hd) over the cache's n keys, causal
+        inside the window (query n-W+i sees keys 0 .. n-W+i), averaged over the H query heads: (W, n) float32 on
+        the device. The reference's `window_attention(q, keys, G).mean(axis=0)` without its (H, W, n), which
+        PyramidInfer's window (a fifth of the prompt) would make as large as the prompt's whole attention.
+
+        One KV group and one block of window rows at a time (`block_q` rows, fewer when that would be more than
+        WINDOW_SCORES_PER_BLOCK scores), the blocks of a group on the CPU threads (they write disjoint rows).
+        Rows a..b-1 see keys 0 .. n-W+b-1 only, so a block's scores are (G, b-a, n-W+b) with the block as its
+        own window, `causal_window_softmax`'s layout; the keys after stay 0. The heads are added in the
+        reference's order (head 0 first) and the sum divided by H, as NumPy's mean of axis 0 does."""
+        if not cache.aligned:
+            raise ValueError("attention rows need a cache whose KV heads hold the same positions (PyramidInfer's); "
+                             "this one's differ (SnapKV's per-head budgets)")
+        xp, G = self.xp, self.config.group_size
+        H, W, hd = q_rows.shape
+        n = cache.lengths[0]
+        scale = F32(1.0 / float(np.sqrt(hd)))
+        out = xp.zeros((W, n), dtype=F32)  # the sum over heads, then the mean
+        size = max(1, min(self.block_q, WINDOW_SCORES_PER_BLOCK // (G * n)))  # window rows per block
+
+        for g in range(self.config.num_key_value_heads):
+            k, q = cache.k[g, :n].astype(F32, copy=False), q_rows[g * G:(g + 1) * G]  # (n, hd), (G, W, hd)
+
+            def block(a, k=k, q=q):
+                b = min(a + size, W)
+                m = n - W + b  # the keys rows a..b-1 see
+                s = (q[:, a:b].reshape(G * (b - a), hd) @ k[:m].T).reshape(G, b - a, m)  # one 2-D GEMM
+                s *= scale
+                causal_window_softmax(s, xp)
+                total = out[a:b, :m]  # a view: the sum is kept in `out`
+                for h in range(G):
+                    total += s[h]
+
+            self.each(range(0, W, size), block)
+        out /= F32(H)
+        return out
+
+    @blas_single_threaded
+    def recent_attention(self, q_rows, cache: PortLayerCache) -> np.ndarray:
+        """PyramidInfer's window rows (`attention_rows`): (W, n) float32 on the host, one transfer."""
+        return to_host(self.attention_rows(q_rows, cache))
+
     @blas_single_threaded
     def gemfilter_scores(self, i: int, x, positions: np.ndarray, kernel: int) -> np.ndarray:
         """GemFilter's score (reference.asl.scoring.last_query_scores) at layer i: (N,) on the host. The projection
@@ -283,12 +334,35 @@ class PortEngine:
         return to_host(last_query_scores(q_last, k, cfg.group_size, kernel, xp=self.xp))
 
     def compress(self, cache: PortLayerCache, keep: list[np.ndarray]) -> PortLayerCache:
-        for g, rows in enumerate(keep):
-            idx = self.xp.asarray(rows)
-            cache.k[g, : len(rows)] = cache.k[g][idx]  # the gather copies first: no overlap
-            cache.v[g, : len(rows)] = cache.v[g][idx]
-            cache.pos[g, : len(rows)] = cache.pos[g][rows]
-            cache.lengths[g] = len(rows)
+        """Keep, for each KV head g, the cache rows keep[g] (ascending).
+
+        A cache with storage of its own (prefill's, SnapKV) is compacted in place. A decoding step's cache
+        shares its storage with the caches before it (`decode`), `prefill.cache` among them, which must still
+        read as it did after prefill (the Engine protocol); compacted in place, its rows would overwrite theirs.
+        So a shared cache's kept rows are gathered into new buffers, sized as a prefill's are (the rows plus
+        `decode_reserve`), and it is the returned cache that holds them; the old storage goes once no cache reads
+        it. The same rows in every KV head (PyramidInfer's) are one gather for all heads."""
+        xp, source = self.xp, cache
+        if cache.shared:
+            H_kv, _, hd = source.k.shape
+            cap = max(len(rows) for rows in keep) + self.decode_reserve
+            cache = PortLayerCache(xp.empty((H_kv, cap, hd), dtype=source.k.dtype),
+                                   xp.empty((H_kv, cap, hd), dtype=source.v.dtype), np.zeros((H_kv, cap), np.int64),
+                                   list(source.lengths))
+        if all(np.array_equal(rows, keep[0]) for rows in keep[1:]):
+            rows = np.asarray(keep[0])
+            idx = xp.asarray(rows)
+            cache.k[:, : len(rows)] = source.k[:, idx]  # the gather copies first: no overlap
+            cache.v[:, : len(rows)] = source.v[:, idx]
+            cache.pos[:, : len(rows)] = source.pos[:, rows]
+            cache.lengths[:] = [len(rows)] * len(keep)
+        else:
+            for g, rows in enumerate(keep):
+                idx = xp.asarray(rows)
+                cache.k[g, : len(rows)] = source.k[g][idx]
+                cache.v[g, : len(rows)] = source.v[g][idx]
+                cache.pos[g, : len(rows)] = source.pos[g][rows]
+                cache.lengths[g] = len(rows)
         first = cache.pos[0, : cache.lengths[0]]  # compared once here, not at every decoding step
         cache.aligned = all(np.array_equal(cache.pos[g, :n], first) for g, n in enumerate(cache.lengths))
         return cache
@@ -313,14 +387,28 @@ class PortEngine:
         return to_host(self.linear(h, self.weights.lm_head))[0]  # (V,)
 
     @blas_single_threaded
-    def decode(self, caches, token: int, position: int):
+    def decode(self, caches, token: int, position: int, attention: bool = False):
+        """One generated token at `position`: its logits (V,) on the host and the new caches, which append past
+        the old ones' lengths into the same storage (both are marked `shared`). With attention=True (PyramidInfer's
+        decode stage) also, per layer, the new query's attention over that layer's cache, the new token included,
+        averaged over the query heads (len + 1,): the rows stay on the device until the last layer and come to
+        the host in one transfer, the step's one host sync more."""
         positions = np.array([position], dtype=np.int64)
         x = self.embed(np.array([token]))
+        for old in caches:
+            old.shared = True
         caches = tuple(dataclasses.replace(c, lengths=list(c.lengths)) for c in caches)  # new caches, shared storage
+        rows = []  # attention=True: per layer (len + 1,) on the device
         for i, cache in enumerate(caches):
             lw = self.weights.layers[i]
             q, k, v = self.qkv(x, lw, *self.rope_tables(positions))
             self.append(cache, k, v, position)
             x = x + self.linear(self.attend(q, cache, positions), lw.wo, lw.bo)
             x = x + self.mlp(x, lw)
-        return self.logits(x), caches
+            if attention:
+                rows.append(self.attention_rows(q, cache)[0])
+        logits = self.logits(x)
+        if not attention:
+            return logits, caches
+        flat = to_host(self.xp.concatenate(rows))  # every layer's row in one transfer
+        return logits, caches, np.split(flat, np.cumsum([c.lengths[0] for c in caches])[:-1])

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from reference.asl.generate import generate
-from reference.asl.params import Params
+from reference.asl.params import METHOD, Params
 from reference.errors import OracleError
 from reference.io.checkpoint import load_weights
 from reference.io.fetch import resolve_model
@@ -56,10 +56,14 @@ def decisions_of(weights, case):
             kv = [kept[p] for p in kv]
         return LayerDecision(kv_positions=[p[::-1] for p in kv],  # in any order: the kit sorts them
                              kv_scores=None if rec.kv_scores is None else list(rec.kv_scores),
-                             scores=rec.scores)
+                             scores=rec.scores, kept=rec.kept if METHOD[case.method].per_layer else None)
 
     two_pass = run.first_pass is not None
+    compressions = None if run.decode_state is None else [
+        {"step": c.step, "layer": c.layer, "scored_positions": c.scored, "kept_positions": c.kept, "scores": c.scores}
+        for c in gen.compressions]
     return gen, dict(layers=[layer(r, two_pass) for r in run.layers], logits=run.logits,
+                     decode_compressions=compressions,
                      generated_ids=gen.generated_ids, generated_gaps=gen.generated_gaps,
                      select_layer=run.select_layer, kept_positions=run.kept_positions,
                      first_pass=None if not two_pass else [layer(r, False) for r in run.first_pass])
@@ -70,7 +74,7 @@ def test_the_kit_rebuilds_every_reference_trace_from_decisions_alone(bundle, wei
     numbering) equals the reference's own trace, and asl check passes the result."""
     shape = model_shape(resolve_model(MODEL))
     cases = read_cases(bundle)
-    assert {c.method for c in cases} == {"full", "snapkv", "fastkv", "gemfilter", "asl", "asl-2pass"}
+    assert {c.method for c in cases} == {"full", "snapkv", "fastkv", "gemfilter", "asl", "asl-2pass", "pyramidinfer"}
     for case in cases:
         gen, decided = decisions_of(weights, case)
         trace, arrays = build_candidate(case, shape, **decided)

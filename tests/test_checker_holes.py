@@ -325,6 +325,14 @@ def test_manifests_naming_paths_or_duplicates_are_refused(bundle, tmp_path, case
     ([{"name": "../../x", "method": "full", "n_tokens": 10}], "not a plain file name"),
     ([{"name": "a", "method": "full", "n_tokens": 10}, {"name": "a", "method": "asl", "n_tokens": 10}], "twice"),
     ([{"method": "full", "n_tokens": 10}], "must be a JSON list of cases"),
+    # a value of the wrong type is refused with its key, never converted
+    ([{"name": "a", "method": "full", "n_tokens": 12.9}], "$[0].n_tokens: 12.9 is not of type 'integer'"),
+    ([{"name": "a", "method": "full", "n_tokens": 12, "seed": True}], "$[0].seed: True is not of type 'integer'"),
+    ([{"name": "a", "method": "full", "n_tokens": 12, "max_new_tokens": "4"}],
+     "$[0].max_new_tokens: '4' is not of type 'integer'"),
+    ([{"name": "a", "method": "asl", "n_tokens": 12, "params": {"tau": -1}}], "tau must be a finite number > 0"),
+    ([{"name": "a", "method": "pyramidinfer", "n_tokens": 12, "params": {"recent_ratio": 1}}],
+     "recent-ratio must be a number in [0, 1)"),
 ])
 def test_cases_files_that_would_write_outside_out_are_refused(tmp_path, cases, fragment):
     path = tmp_path / "cases.json"

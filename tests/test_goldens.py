@@ -18,7 +18,8 @@ def test_every_case_has_a_golden_and_every_golden_a_case():
 
 def test_goldens_cover_every_method_and_the_spec_edge_cases():
     goldens = [json.loads((GOLDEN_DIR / f"{c.name}.json").read_text()) for c in CASES]
-    assert {g["method"] for g in goldens} == {"full", "snapkv", "fastkv", "gemfilter", "asl", "asl-2pass"}
+    assert {g["method"] for g in goldens} == {"full", "snapkv", "fastkv", "gemfilter", "asl", "asl-2pass",
+                                              "pyramidinfer"}
     notes = " ".join(n for g in goldens for n in g["expected"]["notes"])
     assert "N ≤ w" in notes and "N ≤ k" in notes and "never fired" in notes and "fell back to the last layer" in notes
     two_pass_fallback = [g for g in goldens if g["case"].endswith("edge-2pass-never-fires")]

@@ -5,6 +5,8 @@ tests/test_port_agreement.py (the standin-float16 variants)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -72,11 +74,46 @@ def test_a_decoding_step_syncs_once_for_its_logits(method):
         assert xp.syncs == 1, (method, dict(xp.sync_kinds))
 
 
-@pytest.mark.parametrize("method", ["full", "asl", "snapkv", "gemfilter", "asl-2pass"])
+@pytest.mark.parametrize("n_layers", [3, 5])
+def test_a_pyramidinfer_prefill_syncs_once_more_per_deciding_layer(n_layers):
+    """PyramidInfer adds one host sync per deciding layer (every layer at interval 1): its window's attention rows
+    (W, n), fetched once however many KV groups and row blocks made them. 40 and 150 tokens make windows of 9 and
+    31 rows, one and two blocks of 16 rows: the count must not see the difference (3 + 1 per layer, 2 once)."""
+    counts = set()
+    for n_tokens in (40, 150):
+        xp, engine = port_on_standin(n_layers)
+        xp.reset()
+        prefill = run_prefill(engine, np.random.default_rng(0).integers(0, 64, n_tokens), "pyramidinfer",
+                              Params(min_context_length=8))
+        assert any(rec.kept is not None for rec in prefill.layers)  # it pruned
+        counts.add(xp.syncs)
+    assert counts == {4 * n_layers + 2}
+
+
+def test_a_pyramidinfer_decoding_step_syncs_twice_and_its_compressions_never():
+    """decode(attention=True): its logits and every layer's attention row, gathered on the device and fetched in one
+    transfer; the decode stage's compressions (host index lists copied over) add none. attention=False stays at one."""
+    xp, engine = port_on_standin(5)
+    params = Params(min_context_length=8, exceed_length_to_compress=4)
+    ids, seen = np.random.default_rng(2).integers(0, 64, 90), []
+    gen = generate(engine, ids, 8, (), method="pyramidinfer", params=params, on_token=lambda token: seen.append(xp.syncs))
+    assert gen.compressions and {c.step for c in gen.compressions} == set(range(1, 8))  # every step compressed
+    assert np.diff(seen).tolist() == [2] * 7, dict(xp.sync_kinds)
+    prefill = run_prefill(engine, ids, "pyramidinfer", params)  # a cache not decoded from yet
+    cache, position = prefill.cache, prefill.next_position
+    for step, (attention, syncs) in enumerate(((True, 2), (False, 1))):
+        xp.reset()
+        cache = engine.decode(cache, 5, position + step, attention=attention)[1]
+        assert xp.syncs == syncs, (attention, dict(xp.sync_kinds))
+
+
+@pytest.mark.parametrize("method", ["full", "asl", "snapkv", "gemfilter", "asl-2pass", "pyramidinfer"])
 def test_the_device_path_takes_2d_gemms_with_float32_outputs_and_no_einsum(method):
     xp, engine = port_on_standin(6)
     params = Params(window=4, kernel=3, select_k=20, tau=0.5, l_min=2, l_obs=2, kv_budget=24, select_layer=2,
                     filter_layer=2)
+    if method == "pyramidinfer":  # its own caches' compression, no budget; pruning from short contexts on
+        params = dataclasses.replace(params, kv_budget=None, min_context_length=8, exceed_length_to_compress=4)
     generate(engine, np.random.default_rng(3).integers(0, 64, 70), 3, (), method=method, params=params)
     assert xp.calls["matmul"] > 0
     assert {name: xp.calls[name] for name in SLOW_ON_CUPY} == dict.fromkeys(SLOW_ON_CUPY, 0)

@@ -348,6 +348,8 @@ def _grow_kv_tokens(doc):
 # name -> (edit of the JSON object, pattern the message must contain)
 BAD_DOCS = {
     "schema_version": (_set(["schema_version"], 3), r"\$\.schema_version.*3.*2"),
+    "parameter out of range": (_set(["params", "tau"], -1), r"\$\.params: parameter tau must be a finite number > 0"),
+    "parameter of the wrong type": (_set(["params", "l_min"], 6.5), r"\$\.params\.l_min: 6\.5 is not of type"),
     "missing top-level field": (_delete(["totals"]), r"\$.*'totals' is a required property"),
     "missing layer field": (_delete(["layers", 3, "flops"]), r"\$\.layers\[3\].*'flops' is a required"),
     "kv_tokens length": (_grow_kv_tokens, r"\$\.layers\[3\]\.kv_tokens.*3 entries.*KV head \(2\)"),

@@ -29,11 +29,13 @@ def minimal_trace(inputs: dict, decisions: dict) -> tuple[dict, dict]:
     bpe = {"float32": 4, "float64": 8}[dtype]
     layers = [{"layer": i, "prefill_tokens": N, "kv_tokens": [N] * H_kv, "flops": layer_flops(model, N),
                "scored": False, "union_size": None, "v": None, "ratio": None, "margin": None,
-               "boundary_gap": None, "kv_boundary_gaps": None} for i in range(L)]
+               "boundary_gap": None, "kv_boundary_gaps": None,
+               "kept_tokens": None,  # every token goes on to the next layer
+               "keep_ratio": None} for i in range(L)]  # (PyramidInfer's alone)
     kv_bytes = sum(2 * t * d * bpe for e in layers for t in e["kv_tokens"])  # keys and values
     kv_bytes_full = 2 * L * H_kv * N * d * bpe  # a full run's cache: the same number, for full
     trace = {
-        "schema_version": 1,
+        "schema_version": 2,
         "method": "full",
         "params": inputs["params"],  # must equal the bundle's, every field
         "model": model,
@@ -48,6 +50,7 @@ def minimal_trace(inputs: dict, decisions: dict) -> tuple[dict, dict]:
         "notes": [],
         "layers": layers,
         "first_pass": None,
+        "decode_compressions": None,  # PyramidInfer's alone
         "totals": {"bytes_per_element": bpe, "kv_bytes": kv_bytes, "kv_bytes_full": kv_bytes_full,
                    "kv_fraction": kv_bytes / kv_bytes_full,
                    "prefill_flops": sum(e["flops"] for e in layers),

@@ -1,7 +1,9 @@
-"""Prefill with a pruning method: full, snapkv, fastkv, gemfilter, asl, asl-2pass (SPEC sections 2-6).
+"""Prefill with a pruning method: full, snapkv, fastkv, gemfilter, asl, asl-2pass, pyramidinfer (SPEC 2-6, 5b).
 
 All methods share one layer loop (`one_pass`) and the scoring of
-`scoring.py`; they differ only in when they score and what they keep:
+`scoring.py`; they differ only in when they score and what they keep. A layer
+that selects records the positions that go on (`LayerRecord.kept`): the
+one-shot methods at one layer, PyramidInfer at every deciding layer.
 
 - full:      every layer holds all N tokens.
 - snapkv:    full, but each layer's cache keeps B - w best prefix tokens per KV
@@ -13,6 +15,8 @@ All methods share one layer loop (`one_pass`) and the scoring of
 - gemfilter: run layers 0 .. ℓ_g, score by the last query's raw dot products,
              then run the model again on the kept token ids at positions 0 ..
 - asl-2pass: ASL's layer and kept set, then GemFilter's second pass.
+- pyramidinfer: after every deciding layer, keep the int(c · r(i)) context tokens its window attends to most
+             (sinks first) plus the window (`pyramid.py`); decoding compresses caches again (`generate.py`).
 """
 
 from __future__ import annotations

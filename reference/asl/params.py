@@ -61,8 +61,9 @@ class Method:
 
     @property
     def window_scored(self) -> bool:
-        """It scores with the last w queries (SPEC section 1), so a prompt of N ≤ w tokens runs as full."""
-        return "window" in self.uses
+        """It scores with w from the parameters (SPEC section 1; GemFilter too), so a prompt of N ≤ w tokens
+        runs as full. PyramidInfer's window is its own (int(N · recent_ratio) + 1)."""
+        return self.scores and not self.per_layer
 
 
 METHOD = {m.name: m for m in (

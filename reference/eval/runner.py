@@ -291,7 +291,8 @@ def run_eval(model: str, tasks: list[str], lengths: list[int], samples: int, met
         for length in lengths:
             make_sample(task, tok, length, seed=0)
     settings = {"model": model, "tasks": tasks, "lengths": lengths, "samples": samples, "methods": methods,
-                "params": params.to_dict(), "backend": backend, "max_new_tokens": max_new_tokens}
+                "params": params.to_dict("pyramidinfer" if "pyramidinfer" in methods else None), "backend": backend,
+                "max_new_tokens": max_new_tokens}
     pinned = _read_settings(out, settings)
     scan = _scan(out / RESULTS) if (out / RESULTS).is_file() else None
     planned = {(t, n, i, m) for t in tasks for n in lengths for i in range(samples) for m in methods}

@@ -76,10 +76,10 @@ CASES_SCHEMA = {  # what a --cases file may hold; each value's type is checked h
         "properties": {
             "name": {"type": "string", "description": "a plain file name (letters, digits, - _ . +)"},
             "method": {"type": "string", "description": "one of the methods (asl run --help)"},
-            "n_tokens": {"type": "integer", "minimum": 1, "description": "an integer ≥ 1 (the prompt length)"},
+            "n_tokens": {"type": "integer", "description": "an integer (the prompt length)"},
             "params": {"type": "object", "description": "an object of parameter values (docs/semantics.md)"},
-            "seed": {"type": "integer", "minimum": 0, "description": "an integer ≥ 0"},
-            "max_new_tokens": {"type": "integer", "minimum": 0, "description": "an integer ≥ 0"},
+            "seed": {"type": "integer", "description": "an integer"},
+            "max_new_tokens": {"type": "integer", "description": "an integer"},
         },
     },
 }
@@ -108,7 +108,8 @@ def read_cases(path: Path, model: str):
         raise OracleError(f"--cases: {path} not found")
     wrong = _schema_error(raw, CASES_SCHEMA)
     if wrong is not None:
-        raise OracleError(f"--cases: {path}: {wrong}")
+        raise OracleError(f"--cases: {path} must be a JSON list of cases with name, method, n_tokens (and optional "
+                          f"params, seed, max_new_tokens): {wrong}")
     cases = [Case(c["name"], model, c["method"], c["n_tokens"], dict(c.get("params", {})), c.get("seed", 0),
                   c.get("max_new_tokens", 8)) for c in raw]
     names = [c.name for c in cases]

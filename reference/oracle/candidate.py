@@ -33,6 +33,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from reference.asl import pyramid
 from reference.asl.criterion import Criterion
 from reference.asl.methods import (
     NEVER_FIRED_TWO_PASS,
@@ -139,6 +140,9 @@ class LayerDecision:
                   layer: (N,)); required exactly at the layers SPEC's method scores.
     ranks:        your own ranks of `scores` (1 = best); default: SPEC's (ties: the earlier position first).
     union_size, v, ratio: ASL's criterion at ℓ ≥ L_min, if you computed it; default: replayed on the ranks.
+    kept:         PyramidInfer: the prompt positions that go on to the next layer, where this layer pruned (None
+                  where every token goes on). Its `scores` are the layer's context scores (c,), before the sinks
+                  are forced; its kv_positions are the positions the layer held, the same in every KV head.
     """
 
     kv_positions: list | None = None  # [H_kv] of (S_g,) prompt positions
@@ -148,6 +152,7 @@ class LayerDecision:
     union_size: int | None = None
     v: float | None = None
     ratio: float | str | None = None
+    kept: list | None = None  # PyramidInfer: (kept_tokens,) prompt positions
 
 
 @dataclass
@@ -218,10 +223,10 @@ def _build_pass(case, shape, p: dict, decisions: list, part: _Pass, select_layer
     method = METHOD[case.method]
     H_kv, N, w, B = shape["num_key_value_heads"], len(case.prompt_ids), p["window"], p["kv_budget"]
     flop_shape = SimpleNamespace(**shape)
-    scored = scored_layers({"method": case.method, "params": p, "num_prompt_tokens": N, "select_layer": select_layer,
-                            "layers": [None] * shape["num_hidden_layers"],
-                            "first_pass": [None] if method.two_pass and select_layer is not None else None})
-    scored = scored[1] if part.first else scored[0]
+    scored = set() if method.per_layer else scored_layers({
+        "method": case.method, "params": p, "num_prompt_tokens": N, "select_layer": select_layer,
+        "layers": [None] * shape["num_hidden_layers"],
+        "first_pass": [None] if method.two_pass and select_layer is not None else None})[1 if part.first else 0]
     gemfilter = method.decides == "last-query"
     criterion = None
     if method.decides == "criterion" and (part.first or not method.two_pass):
@@ -229,9 +234,14 @@ def _build_pass(case, shape, p: dict, decisions: list, part: _Pass, select_layer
         criterion = Criterion(p["tau"], p["l_min"], p["l_obs"], select_k_prime(p["select_k"], n0, w))
     prefix = "first_pass/" if part.first else ""
     name = "first_pass" if part.first else "layers"
+    held = part.rows
+    W = pyramid.recent_length(N, p["recent_ratio"]) + 1 if method.per_layer else None  # PyramidInfer's window
     for layer, d in enumerate(decisions):
         where = f"{name}[{layer}]"
-        held = _positions_of_layer(part.rows, select_layer, kept, layer, part.first, method)
+        if not method.per_layer:
+            held = _positions_of_layer(part.rows, select_layer, kept, layer, part.first, method)
+        elif layer % p["layerwise_downsample_interval"] == 0 and len(held) > W:
+            scored.add(layer)  # PyramidInfer scores its deciding layers that hold a context
         n = len(held)
         filter_layer = part.first and gemfilter and layer == len(decisions) - 1
         entry = {"layer": layer, "prefill_tokens": n, "flops": qk_flops(flop_shape, n) if filter_layer
@@ -243,12 +253,22 @@ def _build_pass(case, shape, p: dict, decisions: list, part: _Pass, select_layer
             raise _bad(case, where, f"scores {'given' if d.scores is not None else 'missing'}; SPEC's {case.method} "
                        f"scores layers {lo_hi} of this pass (given select_layer {select_layer}), so scores are "
                        f"{'required there' if layer in scored else 'not expected here'}")
-        if d.scores is not None:
-            score = _float_array(d.scores, dtype)
+        score = None if d.scores is None else _float_array(d.scores, dtype)
+        if score is not None and not method.per_layer:
             want = n if filter_layer else n - w
             if score.shape != (want,):
                 raise _bad(case, where, f"scores has shape {score.shape}; expected ({want},), one per "
                            f"{'prompt token' if filter_layer else 'prefix token (n - w)'}")
+        if score is not None and method.per_layer:  # PyramidInfer: the context scores (c,), sinks ranked first
+            if score.shape != (n - W,):
+                raise _bad(case, where, f"scores has shape {score.shape}; expected ({n - W},), one per context "
+                           f"token (n − W, W = int(N · recent_ratio) + 1 = {W})")
+            forced = pyramid.sink_forced(score, p["streamingllm_sink_len"])
+            rank = ranks(forced) if d.ranks is None else np.asarray(d.ranks, dtype=np.int64)
+            entry["boundary_gap"] = json_number(None if d.kept is None else boundary_gap(forced, len(d.kept) - W))
+            part.arrays[f"ranks/{layer}"], part.arrays[f"scores/{layer}"] = rank, score
+            score = None  # recorded: the one-shot methods' bookkeeping below does not apply
+        if score is not None:
             rank = ranks(score) if d.ranks is None else np.asarray(d.ranks, dtype=np.int64)
             count = min(p["select_k"], n) if filter_layer else select_k_prime(p["select_k"], n, w)
             entry["boundary_gap"] = json_number(boundary_gap(score, count))
@@ -301,9 +321,30 @@ def _build_pass(case, shape, p: dict, decisions: list, part: _Pass, select_layer
                 if method.two_pass:  # second pass: position i is prompt position kept[i]
                     pos = np.searchsorted(kept, pos)
                 part.arrays[f"kv_positions/{layer}/{g}"] = np.asarray(pos, dtype=np.int64)  # (S_g,) ascending
+        entry["kept_tokens"], entry["keep_ratio"] = None, None
+        selecting = kept is not None and layer == select_layer and (part.first or not method.two_pass)
+        if selecting:
+            entry["kept_tokens"] = len(kept)
+        if method.per_layer:
+            if pyramid.decides(layer, SimpleNamespace(**p)):
+                entry["keep_ratio"] = pyramid.schedule(layer, len(decisions), p["prefill_decay_ratio"],
+                                                       p["prefill_decay_strategy"])
+            if d.kept is not None:
+                pruned = _distinct_prompt_positions(case, f"{where}.kept", np.asarray(d.kept).astype(np.int64), N,
+                                                    "kept twice")
+                foreign = sorted(set(pruned.tolist()) - set(held.tolist()))
+                if foreign:
+                    raise _bad(case, f"{where}.kept", f"position {foreign[0]} was not among the {n} tokens this "
+                               "layer held (a layer holds what the one before it kept)")
+                entry["kept_tokens"] = len(pruned)
+                part.arrays[f"kept/{layer}"] = pruned
+                held = pruned
+        elif d.kept is not None:
+            raise _bad(case, f"{where}.kept", f"{case.method} selects once (select_layer, kept_positions); "
+                       "LayerDecision.kept is PyramidInfer's per-layer kept set")
         part.entries.append({k: entry[k] for k in ("layer", "prefill_tokens", "kv_tokens", "flops", "scored",
                                                    "union_size", "v", "ratio", "margin", "boundary_gap",
-                                                   "kv_boundary_gaps")})
+                                                   "kv_boundary_gaps", "kept_tokens", "keep_ratio")})
     return part
 
 
@@ -367,13 +408,17 @@ def _greedy(case, generated_ids, generated_gaps, step_logits) -> list[float]:
 def build_candidate(case: CaseInputs, shape: dict, *, layers: list[LayerDecision], logits, generated_ids,
                     generated_gaps=None, step_logits=None, select_layer: int | None = None, kept_positions=None,
                     first_pass: list[LayerDecision] | None = None, dtype: str | None = None,
-                    notes: list[str] | None = None, model_sha256: str | None = None) -> tuple[dict, dict]:
+                    notes: list[str] | None = None, model_sha256: str | None = None,
+                    decode_compressions: list[dict] | None = None) -> tuple[dict, dict]:
     """A candidate trace and its arrays (docs/trace.md) from an implementation's decisions on one case.
 
     shape: model_shape(...). dtype: what you computed in (default: the logits' dtype); it sets the tolerances.
     select_layer / kept_positions: ASL's ℓ*, FastKV's ℓ_f, GemFilter's ℓ_g and the prompt positions kept there.
     first_pass: two-pass methods, the scoring pass's layers 0 .. select_layer (ASL two-pass) or filter_layer
-    (GemFilter). notes: default, the reference's notes (never compared)."""
+    (GemFilter). notes: default, the reference's notes (never compared).
+    decode_compressions: PyramidInfer with gen_compress, every decode-stage compression in the order made (step,
+    then layer): dicts with step, layer, scored_positions, kept_positions and scores (the scored positions'
+    scores); the kit fills R of each step and the boundary gaps."""
     p = dict(case.params)
     L, H_kv, d, V = (shape[k] for k in ("num_hidden_layers", "num_key_value_heads", "head_dim", "vocab_size"))
     N = len(case.prompt_ids)
@@ -404,6 +449,7 @@ def build_candidate(case: CaseInputs, shape: dict, *, layers: list[LayerDecision
         second = _build_pass(case, shape, p, layers, _Pass(np.arange(N), False), select_layer, kept, dtype)
     bpe = BYTES_PER_ELEMENT[dtype]
     entries = second.entries
+    compressions, decode_arrays = _compressions(case, p, method, entries, decode_compressions, dtype)
     kv_bytes = sum(2 * t * d * bpe for e in entries for t in e["kv_tokens"])
     kv_bytes_full = 2 * L * H_kv * N * d * bpe
     trace = {
@@ -422,6 +468,7 @@ def build_candidate(case: CaseInputs, shape: dict, *, layers: list[LayerDecision
         "notes": _notes(case, p, select_layer) if notes is None else list(notes),
         "layers": entries,
         "first_pass": None if first is None else first.entries,
+        "decode_compressions": compressions,
         "totals": {"bytes_per_element": bpe, "kv_bytes": kv_bytes, "kv_bytes_full": kv_bytes_full,
                    "kv_fraction": kv_bytes / kv_bytes_full,
                    "prefill_flops": sum(e["flops"] for e in (first.entries if first else []) + entries),
@@ -431,9 +478,48 @@ def build_candidate(case: CaseInputs, shape: dict, *, layers: list[LayerDecision
     if notes is None and first is not None and method.decides == "criterion" and not first.fired:
         trace["notes"].append(NEVER_FIRED_TWO_PASS.format(layer=select_layer))
     arrays = {"logits": logits.astype(dtype)}  # (V,)
-    arrays |= (first.arrays if first else {}) | second.arrays
+    arrays |= (first.arrays if first else {}) | second.arrays | decode_arrays
     validate_trace(trace, arrays, f"candidate trace of {case.name} (built by reference.oracle.candidate)")
     return trace, arrays
+
+
+def _compressions(case, p: dict, method, entries: list, given, dtype: str):
+    """PyramidInfer's decode-stage compressions as a trace lists them, with R of each step (replayed from
+    layer 0's cache length) and boundary gaps, and their scores as arrays."""
+    on = method.per_layer and p["gen_compress"]
+    if not on:
+        if given:
+            raise _bad(case, "decode_compressions", f"given, but {case.method} "
+                       f"{'runs with gen_compress false' if method.per_layer else 'never compresses in decoding'}")
+        return None, {}
+    out, arrays, length0, step = [], {}, entries[0]["prefill_tokens"], 0
+    recent = {}
+    for i, c in enumerate(given or []):
+        try:
+            t, layer = int(c["step"]), int(c["layer"])
+            scored = [int(q) for q in c["scored_positions"]]
+            kept = [int(q) for q in c["kept_positions"]]
+            scores = _float_array(c["scores"], dtype)
+        except (KeyError, TypeError, ValueError) as e:
+            raise _bad(case, f"decode_compressions[{i}]", f"needs step, layer, scored_positions, kept_positions and "
+                       f"scores ({e!r})") from None
+        if scores.shape != (len(scored),):
+            raise _bad(case, f"decode_compressions[{i}].scores", f"has shape {scores.shape}; expected "
+                       f"({len(scored)},), one per scored position")
+        if t < step:
+            raise _bad(case, f"decode_compressions[{i}]", "compressions must come in the order made: step, then layer")
+        while step < t:  # R of each step: int((1 + layer 0's cache length before it) · recent_ratio)
+            step += 1
+            recent[step] = pyramid.recent_length(1 + length0, p["recent_ratio"])
+            length0 += 1
+        if layer == 0:
+            length0 -= len(scored) - len(kept)
+        forced_order = np.sort(scores)[::-1]
+        gap = None if len(kept) >= len(scored) else float(forced_order[len(kept) - 1] - forced_order[len(kept)])
+        out.append({"step": t, "layer": layer, "recent": recent[t], "scored_positions": scored,
+                    "kept_positions": kept, "boundary_gap": gap})
+        arrays[f"decode_scores/{i}"] = scores
+    return out, arrays
 
 
 def write_candidate(out_dir: str | Path, case: CaseInputs, trace: dict, arrays: dict) -> Path:

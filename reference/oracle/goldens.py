@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from reference.asl.generate import generate
-from reference.asl.params import Params
+from reference.asl.params import METHOD, Params
 from reference.io.checkpoint import load_weights
 from reference.io.fetch import resolve_model
 from reference.oracle.conformance import TOLERANCES, record_from_trace
@@ -125,6 +125,8 @@ def run_case(case: Case, engine_factory=None, dtype: str = "float64") -> dict:
     trace, arrays = make_trace(gen, model_name=case.model, model_sha256="", config=weights.config, dtype=dtype)
     scored = [e["layer"] for e in trace["first_pass"] or trace["layers"] if e["scored"]]  # where the method scored
     shown = {scored[0], scored[-1], trace["select_layer"]} if scored else set()
+    if METHOD[case.method].per_layer:  # it decides at every layer: every layer's scores judge its near-ties
+        shown = set(scored)
     record = record_from_trace(trace, arrays, score_layers=shown)
     last = str(weights.config.num_hidden_layers - 1)
     record["kv_positions"] = {last: record["kv_positions"][last]}

@@ -199,9 +199,10 @@ def check_own(got: dict) -> list:
 
 
 def _apart(field: str, e_pos, g_pos, scored_pos, scores, count: int, tol, layer: int, step=None,
-           protected=()) -> Finding:
+           protected=(), sinks: int = 0) -> Finding:
     """Two kept sets that differ: NEAR only when every position kept by one side alone scores within `score`
-    (relative to the largest) of the oracle's top-`count` boundary; never a window or sink position."""
+    (relative to the largest score) of the oracle's top-`count` boundary, the first `sinks` ranked first (they
+    are protected: never a near-tie, and never the scale); never a window or sink position."""
     only_e, only_g = sorted(set(e_pos) - set(g_pos)), sorted(set(g_pos) - set(e_pos))
     lists = f"kept only by the oracle {only_e[:8]}, only by the candidate {only_g[:8]}"
     fixed = [q for q in only_e + only_g if q in set(protected)]
@@ -213,8 +214,8 @@ def _apart(field: str, e_pos, g_pos, scored_pos, scores, count: int, tol, layer:
         return Finding(FAIL, field, f"{lists} (no expected scores to judge near-ties)", layer, (only_e + only_g)[0],
                        step=step)
     scores = np.asarray(scores, dtype=np.float64)
-    boundary = boundary_score(scores, count)
-    scale = float(np.max(np.abs(scores))) or 1.0
+    scale = float(np.max(np.abs(scores[sinks:]), initial=0.0)) or 1.0  # the sinks' forced score is no scale
+    boundary = boundary_score(pyramid.sink_forced(scores, sinks), count)
     far = [(abs(float(scores[row_of[q]]) - boundary) / scale, q) for q in only_e + only_g]
     worst, q = max(far)
     where = "" if step is None else f"step {step}: "
@@ -244,9 +245,9 @@ def compare_prefill(exp: dict, got: dict, tol) -> Finding | None:
         c = a["prefill_tokens"] - W
         k = pyramid.prefill_keep_count(c, layer, L, N, p)
         s = (exp.get("scores") or {}).get(str(layer))
-        forced = None if s is None else pyramid.sink_forced(np.asarray(s, dtype=np.float64), p.streamingllm_sink_len)
         protected = held[layer][c:].tolist() + held[layer][:min(p.streamingllm_sink_len, c)].tolist()
-        return _apart(f"kept[{layer}]", ek, gk, held[layer][:c], forced, k, tol, layer, protected=protected)
+        return _apart(f"kept[{layer}]", ek, gk, held[layer][:c], s, k, tol, layer, protected=protected,
+                      sinks=p.streamingllm_sink_len)
     return None
 
 
