@@ -87,3 +87,31 @@ def test_cli_summary_shows_the_kv_saving_of_each(smollm2_dir, smollm2, passkey, 
         assert passkey.answers[0] in out
         summary = next(line for line in out.splitlines() if line.startswith(f"[{method}:"))
         assert "kept 256 of" in summary and "% of full" in summary
+
+
+def test_pyramidinfer_on_smollm2_and_the_port_makes_the_same_decisions(smollm2_dir, smollm2, passkey):
+    """PyramidInfer with the authors' config on the ~1K passkey prompt: each layer holds what the one before kept
+    (all tokens at layers 0-1, then fewer), the decode stage compresses, and the NumPy port (float32 weights)
+    makes every decision the reference makes: kept sets, compressions, greedy ids. (Whether it answers is a
+    result, docs/results.md, not a property: here its compressed caches lose digits of the key.)"""
+    import numpy as np
+
+    from gpu.engine import PortEngine
+    from gpu.loader import load_device_weights
+    from reference.asl.params import Params
+
+    weights, tok, eos = smollm2
+    reference = generate(weights, passkey.ids, 12, eos, method="pyramidinfer", params=Params())
+    print("pyramidinfer:", tok.decode(reference.generated_ids))
+    layers = reference.prefill.layers
+    assert layers[0].prefill_tokens == layers[1].prefill_tokens == len(passkey.ids)  # r(0) = 1: layer 0 keeps all
+    assert layers[-1].prefill_tokens < layers[2].prefill_tokens < len(passkey.ids)
+    assert reference.compressions and {c.layer for c in reference.compressions if c.step == 1} == set(range(30))
+    port = PortEngine(load_device_weights(smollm2_dir, np, "float32", progress=False)[0], np)
+    got = generate(port, passkey.ids, 12, eos, method="pyramidinfer", params=Params())
+    for a, b in zip(layers, got.prefill.layers):
+        assert a.prefill_tokens == b.prefill_tokens, a.layer
+        assert (a.kept is None) == (b.kept is None) and (a.kept is None or np.array_equal(a.kept, b.kept)), a.layer
+    assert [(c.step, c.layer, c.scored.tolist(), c.kept.tolist()) for c in reference.compressions] == \
+        [(c.step, c.layer, c.scored.tolist(), c.kept.tolist()) for c in got.compressions]
+    assert got.generated_ids == reference.generated_ids

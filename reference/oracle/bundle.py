@@ -63,6 +63,7 @@ def default_cases(model: str):
         Case("edge-n-le-k", model, "asl", 200, dict(p), max_new_tokens=4),
         Case("edge-tau-above-1", model, "asl", 300, dict(p, tau=1.5), max_new_tokens=4),
         Case("edge-never-fires", model, "asl", 300, dict(p, tau=1e-9), max_new_tokens=4),
+        Case("pyramidinfer-1000", model, "pyramidinfer", 1000, {}, max_new_tokens=8),  # the authors' config
     ]
     return cases
 
