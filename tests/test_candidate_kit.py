@@ -64,7 +64,7 @@ def decisions_of(weights, case):
         for c in gen.compressions]
     return gen, dict(layers=[layer(r, two_pass) for r in run.layers], logits=run.logits,
                      decode_compressions=compressions,
-                     generated_ids=gen.generated_ids, generated_gaps=gen.generated_gaps,
+                     generated_ids=gen.generated_ids, step_logits=gen.step_logits,
                      select_layer=run.select_layer, kept_positions=run.kept_positions,
                      first_pass=None if not two_pass else [layer(r, False) for r in run.first_pass])
 
@@ -77,7 +77,7 @@ def test_the_kit_rebuilds_every_reference_trace_from_decisions_alone(bundle, wei
     assert {c.method for c in cases} == {"full", "snapkv", "fastkv", "gemfilter", "asl", "asl-2pass", "pyramidinfer"}
     for case in cases:
         gen, decided = decisions_of(weights, case)
-        trace, arrays = build_candidate(case, shape, **decided)
+        trace, arrays = build_candidate(case, shape, dtype="float64", **decided)
         expected, expected_arrays = make_trace(gen, model_name=case.model, model_sha256=case.model_sha256,
                                                config=weights.config, dtype="float64")
         assert json.dumps(trace, sort_keys=True) == json.dumps(expected, sort_keys=True), case.name
@@ -127,16 +127,60 @@ def test_gaps_from_step_logits_and_a_non_greedy_id_is_refused(bundle, weights):
     _, decided = decisions_of(weights, case)
     V = model_shape(case.model_dir())["vocab_size"]
     steps = []
-    for token, gap in zip(decided["generated_ids"], decided["generated_gaps"]):
+    gen, _ = decisions_of(weights, case)
+    decided.pop("step_logits")
+    for token, gap in zip(decided["generated_ids"], gen.generated_gaps):
         row = np.zeros(V)
         row[token], row[(token + 1) % V] = 2.0, 2.0 - gap  # best minus second best = the gap
         steps.append(row)
-    gaps = [float(g) for g in decided.pop("generated_gaps")]
+    gaps = [float(g) for g in gen.generated_gaps]
     trace, _ = build_candidate(case, model_shape(case.model_dir()), step_logits=steps, **decided)
     assert trace["generated_gaps"] == pytest.approx(gaps, abs=1e-12)  # read back from the step logits
     steps[0] = np.roll(steps[0], 3)
     with pytest.raises(OracleError, match=r"generated_ids\[0\].*arg-max of step_logits\[0\]"):
         build_candidate(case, model_shape(case.model_dir()), step_logits=steps, **decided)
+
+
+def test_decoding_is_judged_by_the_step_logits_and_next_position_is_the_implementations(bundle, weights):
+    """The kit stores the logits of every step after the first and the implementation's own next_position; a
+    candidate whose step-2 logits are off fails at step 2 with the decoding diagnosis; one that reports
+    decoding at len(kept) fails on next_position; without step logits the verdict is INCOMPLETE."""
+    case = read_case(bundle, f"{MODEL}-fastkv")
+    shape = model_shape(case.model_dir())
+    _, decided = decisions_of(weights, case)
+    good = check_trace(bundle / f"{case.name}.trace.json", build_candidate(case, shape, **decided))
+    assert good.verdict == "PASS" and "tolerance: float64" in good.line(), good.line()
+    steps = [np.array(s, copy=True) for s in decided["step_logits"]]
+    steps[2][steps[2].argmin()] -= 0.01  # the arg-max and its gap stay; the logits do not
+    off = check_trace(bundle / f"{case.name}.trace.json", build_candidate(case, shape, **(decided | {"step_logits": steps})))
+    assert off.verdict == "FAIL" and off.findings[0].field == "step_logits[2]", off.line()
+    assert "prefill logits agree" in off.findings[0].message
+    at_k = build_candidate(case, shape, **(decided | {"next_position": len(decided["kept_positions"])}))
+    moved = check_trace(bundle / f"{case.name}.trace.json", at_k)
+    assert moved.verdict == "FAIL" and moved.findings[0].field == "next_position", moved.line()
+    assert "positions restarted at the cache length" in moved.findings[0].message
+    for bad in (0, len(case.prompt_ids) + 1, 2.5):
+        with pytest.raises(OracleError, match="next_position.*in \\[1, N"):
+            build_candidate(case, shape, **(decided | {"next_position": bad}))
+    gen, _ = decisions_of(weights, case)
+    gaps_only = decided | {"step_logits": None, "generated_gaps": gen.generated_gaps}
+    blind = check_trace(bundle / f"{case.name}.trace.json", build_candidate(case, shape, **gaps_only))
+    assert blind.verdict == "INCOMPLETE" and any("step_logits" in u for u in blind.unchecked), blind.line()
+    with pytest.raises(OracleError, match=r"step_logits\[1\].*shape"):
+        build_candidate(case, shape, **(decided | {"step_logits": [steps[0], steps[1][:-1]] + steps[2:]}))
+
+
+def test_an_inferred_or_mismatched_dtype_is_said(bundle, weights):
+    case = read_case(bundle, f"{MODEL}-full")
+    shape = model_shape(case.model_dir())
+    _, decided = decisions_of(weights, case)
+    inferred = check_trace(bundle / f"{case.name}.trace.json", build_candidate(case, shape, **decided))
+    assert any(n.field == "dtype" and "inferred" in n.message for n in inferred.notes), inferred.line()
+    stated = check_trace(bundle / f"{case.name}.trace.json", build_candidate(case, shape, dtype="float64", **decided))
+    assert not stated.notes, stated.line()
+    as32 = decided | {"logits": np.asarray(decided["logits"], dtype=np.float32)}
+    mixed = check_trace(bundle / f"{case.name}.trace.json", build_candidate(case, shape, dtype="float64", **as32))
+    assert not any("declares float64, but its arrays" in n.message for n in mixed.notes)  # the kit casts to float64
 
 
 @pytest.mark.parametrize("plant, message", [

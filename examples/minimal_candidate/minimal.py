@@ -58,6 +58,8 @@ def minimal_trace(inputs: dict, decisions: dict) -> tuple[dict, dict]:
         "arrays_file": None,  # save_trace sets it to the .npz's name
     }
     arrays = {"logits": np.asarray(decisions["logits"], dtype=dtype)}  # (V,)
+    arrays |= {f"step_logits/{t}": np.asarray(step, dtype=dtype)  # (V,): generated id t was chosen from these
+               for t, step in enumerate(decisions["step_logits"][1:], start=1)}
     arrays |= {f"kv_positions/{i}/{g}": np.arange(N, dtype=np.int64)  # every prompt position is cached
                for i in range(L) for g in range(H_kv)}
     return trace, arrays
@@ -81,7 +83,8 @@ if __name__ == "__main__":
                             method="full", params=params.Params(**inputs["params"]))
     decisions = {k: getattr(weights.config, k) for k in SHAPE}
     decisions |= {"logits": gen.prefill.logits, "generated_ids": gen.generated_ids,
-                  "generated_gaps": gen.generated_gaps}  # ... and ends here
+                  "generated_gaps": gen.generated_gaps,
+                  "step_logits": gen.step_logits}  # ... and ends here (step 0's logits are the prefill's)
     trace, arrays = minimal_trace(inputs, decisions)
     args.out.mkdir(parents=True, exist_ok=True)
     trace_io.save_trace(trace, arrays, args.out / "tiny-llama-full.trace.json", with_arrays=True)

@@ -25,6 +25,7 @@ class Generation:
     prompt_ids: list[int]
     generated_ids: list[int] = field(default_factory=list)
     generated_gaps: list[float] = field(default_factory=list)  # per step: best minus second-best logit
+    step_logits: list = field(default_factory=list)  # per generated id: the logits (V,) it was chosen from
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     stopped_at_eos: bool = False
@@ -109,6 +110,7 @@ def generate(
                               f"{position}); the activations overflowed in decoding: check the checkpoint, or try "
                               "--dtype float64")
         token = greedy_token(logits)
+        result.step_logits.append(logits)  # step 0's are the prefill's
         result.generated_ids.append(token)
         result.generated_gaps.append(top2_gap(logits))
         if on_token is not None:

@@ -37,13 +37,14 @@ from reference.oracle.conformance import (
 from reference.oracle.goldens import Case
 from reference.oracle.goldens import default_cases as tiny_cases
 from reference.oracle.trace import (
+    DTYPE_INFERRED,
     load_trace,
     make_trace,
     model_sha256,
     save_trace,
     validate_trace,
 )
-from reference.oracle.verdicts import NEAR, PASS
+from reference.oracle.verdicts import NEAR, NOTE, PASS, Finding
 
 BUNDLE_VERSION = 2  # 2: its traces are schema_version 2 (PyramidInfer's fields); a version-1 bundle is rewritten
 
@@ -255,6 +256,7 @@ class CaseResult:
     findings: list = field(default_factory=list)  # FAIL / near-tie findings, then notes (verdict "NOTE")
     error: str | None = None  # ERROR: what is wrong; NOT-CHECKED: why it was left out
     unchecked: list = field(default_factory=list)  # what could not be checked (no arrays)
+    tolerance: str | None = None  # which row of the tolerance table judged it, and why
 
     @property
     def notes(self) -> list:
@@ -272,6 +274,8 @@ class CaseResult:
                                           f"step {f.step}" if f.step is not None else "") if x)
             margin = "" if f.margin is None else f" (margin {f.margin:.3g})"
             text += f"  {f.field}{' at ' + where if where else ''}: {f.message}{margin}"
+        if self.tolerance:
+            text += f"\n{'':<34}   tolerance: {self.tolerance}"
         if self.unchecked:
             why = ("decisions only, as asked" if self.verdict != INCOMPLETE else
                    "the candidate has no arrays (.npz); supply them, or pass --decisions-only to accept this")
@@ -282,7 +286,7 @@ class CaseResult:
 
     def to_dict(self) -> dict:
         return {"case": self.case, "verdict": self.verdict, "error": self.error, "unchecked": self.unchecked,
-                "findings": [vars(f) for f in self.findings]}
+                "tolerance": self.tolerance, "findings": [vars(f) for f in self.findings]}
 
 
 def check_trace(expected_path: Path, candidate, dtype: str | None = None, decisions_only: bool = False) -> CaseResult:
@@ -310,12 +314,34 @@ def check_trace(expected_path: Path, candidate, dtype: str | None = None, decisi
                                              f"bundle's {case}.inputs.json)")
     looser = max(expected["dtype"], got["dtype"], key=["float64", "float32", "float16"].index)
     tol = TOLERANCES[dtype or looser]  # the less precise side sets the tolerance
+    row = dtype or looser
+    why = ("--dtype" if dtype else "the candidate's declared dtype, the less precise side" if got["dtype"] == looser
+           and got["dtype"] != expected["dtype"] else "both runs' dtype" if got["dtype"] == expected["dtype"]
+           else "the bundle's dtype, the less precise side")
+    stated = (f"{row} (logits {tol.logits:g}, scores {tol.score:g} of the largest, criterion margin {tol.margin:g}; "
+              f"chosen by {why})")
     got_record = record_from_trace(got, got_arrays)
     verdict, findings = compare(record_from_trace(expected, expected_arrays), got_record, tol)
+    findings += _dtype_notes(got, got_arrays)
     missing = unchecked(got_record)
     if missing and verdict != FAIL and not decisions_only:
         verdict = INCOMPLETE
-    return CaseResult(case, verdict, findings, unchecked=missing)
+    return CaseResult(case, verdict, findings, unchecked=missing, tolerance=stated)
+
+
+def _dtype_notes(got: dict, arrays: dict) -> list:
+    """A candidate whose arrays are of another precision than it declares, or whose dtype the kit inferred."""
+    notes = []
+    declared = got["dtype"]
+    computed = {str(a.dtype) for name, a in arrays.items() if a.dtype.kind == "f"}
+    if computed and computed != {declared}:
+        notes.append(Finding(NOTE, "dtype", f"the candidate declares {declared}, but its arrays are "
+                             f"{', '.join(sorted(computed))}: it was judged with {declared}'s tolerances; declare "
+                             "the precision it computed in"))
+    for n in got["notes"]:
+        if n.startswith(DTYPE_INFERRED):
+            notes.append(Finding(NOTE, "dtype", f"{n}: the tolerances follow the declared dtype, so state it"))
+    return notes
 
 
 def check(candidate_dir: Path, bundle: Path, dtype: str | None = None, methods=None,

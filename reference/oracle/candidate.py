@@ -51,6 +51,7 @@ from reference.oracle.bundle import plain_case_name, read_inputs, read_manifest
 from reference.oracle.consistency import scored_layers
 from reference.oracle.trace import (
     BYTES_PER_ELEMENT,
+    DTYPE_INFERRED,
     INF,
     SCHEMA_VERSION,
     json_number,
@@ -131,7 +132,8 @@ def model_shape(source) -> dict:
 class LayerDecision:
     """What one layer of an implementation decided during prefill.
 
-    kv_positions: per KV head, the PROMPT positions its cache holds after prefill, in any order (two-pass
+    kv_positions: REQUIRED on every layer of the pass decoding uses: per KV head, the PROMPT positions its cache
+                  holds after prefill, in any order (two-pass
                   methods: prompt positions too; the kit renumbers them to the second pass's 0 .. |kept|-1).
                   In a first pass (`first_pass=`) it may be left None: the scoring pass's cache is thrown away.
     kv_scores:    SnapKV's score_g per KV head over the layer's prefix rows (prefill_tokens - w,), in row order;
@@ -405,14 +407,47 @@ def _greedy(case, generated_ids, generated_gaps, step_logits) -> list[float]:
     return gaps
 
 
+def _next_position(case, given, contract: int) -> int:
+    if given is None:
+        return contract
+    N = len(case.prompt_ids)
+    if isinstance(given, bool) or not isinstance(given, (int, np.integer)) or not 1 <= int(given) <= N:
+        raise _bad(case, "next_position", f"is {given!r}; expected the position of the first generated token, an "
+                   f"integer in [1, N = {N}] (the contract's is {contract})")
+    return int(given)
+
+
+def _step_logits(case, step_logits, V: int, dtype: str) -> dict:
+    """step_logits/t for t ≥ 1, each (V,) and finite: generated id t was chosen from them."""
+    arrays = {}
+    for t, logits in enumerate(step_logits or []):
+        a = _float_array(logits, dtype)
+        if a.shape != (V,):
+            raise _bad(case, f"step_logits[{t}]", f"has shape {a.shape}; expected ({V},), the logits over the vocabulary")
+        if not np.isfinite(a).all():
+            raise _bad(case, f"step_logits[{t}]", "holds NaN or an infinity; logits are finite numbers")
+        if t:
+            arrays[f"step_logits/{t}"] = a.astype(dtype)
+    return arrays
+
+
 def build_candidate(case: CaseInputs, shape: dict, *, layers: list[LayerDecision], logits, generated_ids,
                     generated_gaps=None, step_logits=None, select_layer: int | None = None, kept_positions=None,
                     first_pass: list[LayerDecision] | None = None, dtype: str | None = None,
                     notes: list[str] | None = None, model_sha256: str | None = None,
-                    decode_compressions: list[dict] | None = None) -> tuple[dict, dict]:
+                    decode_compressions: list[dict] | None = None,
+                    next_position: int | None = None) -> tuple[dict, dict]:
     """A candidate trace and its arrays (docs/trace.md) from an implementation's decisions on one case.
 
-    shape: model_shape(...). dtype: what you computed in (default: the logits' dtype); it sets the tolerances.
+    shape: model_shape(...). dtype: what you computed in; it sets the tolerances. Left out, it is inferred from the
+    logits' dtype and the trace says so in its notes (float32 logits of a float64 run would be judged 1000×
+    too loosely: state it).
+    layers: one LayerDecision per layer of the pass decoding uses; each needs its kv_positions.
+    step_logits: one (V,) array per generated id, the logits it was chosen from (step 0's are the prefill's
+    `logits`); they are stored as step_logits/t for t ≥ 1 and the checker judges decoding with them. Given only
+    generated_gaps, decoding is not judged and the verdict is INCOMPLETE.
+    next_position: where YOUR decoding put the first generated token (default: the contract's, N or |kept|);
+    the checker judges it. A position outside [1, N] is refused.
     select_layer / kept_positions: ASL's ℓ*, FastKV's ℓ_f, GemFilter's ℓ_g and the prompt positions kept there.
     first_pass: two-pass methods, the scoring pass's layers 0 .. select_layer (ASL two-pass) or filter_layer
     (GemFilter). notes: default, the reference's notes (never compared).
@@ -423,6 +458,7 @@ def build_candidate(case: CaseInputs, shape: dict, *, layers: list[LayerDecision
     L, H_kv, d, V = (shape[k] for k in ("num_hidden_layers", "num_key_value_heads", "head_dim", "vocab_size"))
     N = len(case.prompt_ids)
     logits = np.asarray(logits)
+    inferred = dtype is None
     dtype = dtype or logits.dtype.name
     if dtype not in BYTES_PER_ELEMENT:
         raise _bad(case, "dtype", f"is {dtype!r}; a trace declares float32 or float64 (pass dtype= the precision you "
@@ -435,6 +471,7 @@ def build_candidate(case: CaseInputs, shape: dict, *, layers: list[LayerDecision
     kept = _check_kept(case, p, select_layer, kept_positions, L)
     generated_ids = [int(t) for t in generated_ids]
     gaps = _greedy(case, generated_ids, generated_gaps, step_logits)
+    step_arrays = _step_logits(case, step_logits, V, dtype)
     first = None
     if method.two_pass and kept is not None:
         want = select_layer + 1
@@ -462,7 +499,7 @@ def build_candidate(case: CaseInputs, shape: dict, *, layers: list[LayerDecision
         "num_prompt_tokens": N,
         "select_layer": None if select_layer is None else int(select_layer),
         "kept_positions": None if kept is None else kept.tolist(),
-        "next_position": N if first is None else len(kept),
+        "next_position": _next_position(case, next_position, N if first is None else len(kept)),
         "generated_ids": generated_ids,
         "generated_gaps": gaps,
         "notes": _notes(case, p, select_layer) if notes is None else list(notes),
@@ -478,7 +515,9 @@ def build_candidate(case: CaseInputs, shape: dict, *, layers: list[LayerDecision
     if notes is None and first is not None and method.decides == "criterion" and not first.fired:
         trace["notes"].append(NEVER_FIRED_TWO_PASS.format(layer=select_layer))
     arrays = {"logits": logits.astype(dtype)}  # (V,)
-    arrays |= (first.arrays if first else {}) | second.arrays | decode_arrays
+    arrays |= (first.arrays if first else {}) | second.arrays | decode_arrays | step_arrays
+    if inferred:
+        trace["notes"].append(f"{DTYPE_INFERRED} {dtype} from the logits array (pass dtype= to state it)")
     validate_trace(trace, arrays, f"candidate trace of {case.name} (built by reference.oracle.candidate)")
     return trace, arrays
 

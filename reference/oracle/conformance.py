@@ -19,9 +19,17 @@ near-tie:
 3. per-layer cache sizes: equal; SnapKV's cached positions per head: equal,
    or every position cached by one side only is a prefix token whose expected
    score_g lies within `score` (relative) of that head's boundary;
+   then where decoding starts (`next_position`);
 4. next-token logits: max abs difference within `logits`;
 5. greedy tokens: equal, up to the first step whose expected top-2 logit gap
-   is within 2·`logits` (a near-tie there ends the comparison).
+   is within 2·`logits` (a near-tie there ends the comparison); before each
+   token after the first, the logits it was chosen from (`step_logits/t`)
+   within `logits` of the oracle's: a wrong decoding position, cache or rotary
+   fails at the first step whose logits differ, whatever the margins;
+6. scores: every score the candidate reports (token scores, first-pass scores,
+   SnapKV's score_g) within `score` of the oracle's at every layer both runs
+   scored on the same positions, a FAIL beyond it even when no decision
+   changed; an exact constant factor across every compared layer is a NOTE.
 Once a near-tie changes a decision, what depends on it is not compared.
 
 Verdicts: PASS (no difference beyond the tolerances), PASS-within-tolerance
@@ -119,18 +127,29 @@ def record_from_trace(trace: dict, arrays: dict, score_layers=None) -> dict:
         "kv_scores": {str(l): [np.asarray(arrays[f"kv_scores/{l}/{g}"], dtype=np.float64).tolist() for g in range(h)]
                       for l, h in n_heads.items() if f"kv_scores/{l}/0" in arrays},
         "logits": np.asarray(arrays["logits"], dtype=np.float64).tolist() if "logits" in arrays else None,
+        "step_logits": {str(t): np.asarray(arrays[f"step_logits/{t}"], dtype=np.float64).tolist()
+                        for t in range(1, len(trace["generated_ids"])) if f"step_logits/{t}" in arrays},
+        "dtype": trace["dtype"],
+        "arrays_dtype": str(arrays["logits"].dtype) if "logits" in arrays else None,
     }
 
 
 def unchecked(got: dict) -> list[str]:
     """What the comparison could not check for want of the candidate's arrays (its .npz)."""
     if got.get("arrays"):
-        return []
+        return unchecked_decoding(got)
     missing = ["rule 0, the candidate's decisions from its own ranks and scores (arrays ranks/, scores/, kv_scores/)",
                "SnapKV's cached positions per KV head (kv_positions/)", "the next-token logits (logits)"]
     if METHOD[got["method"]].per_layer:
         missing += ["PyramidInfer's kept positions per layer (kept/) and decode-stage scores (decode_scores/)"]
-    return missing
+    return missing + unchecked_decoding(got)
+
+
+def unchecked_decoding(got: dict) -> list[str]:
+    """Decoding cannot be judged without the logits of every step after the first (they may be left out)."""
+    if len(got["generated_ids"]) > 1 and not got.get("step_logits"):
+        return ["decoding: the logits each generated token after the first was chosen from (step_logits/t)"]
+    return []
 
 
 # ---------------------------------------------------------------- rules 1 and 2
@@ -292,7 +311,11 @@ def _check_logits_and_tokens(exp: dict, got: dict, tol: Tolerance) -> list[Findi
             worst = int(diff.argmax())
             findings.append(Finding(FAIL, "logits", f"max abs difference {diff.max():.3g} at vocabulary id {worst}, "
                                     f"beyond {tol.logits}", None, None, float(diff.max())))
+    prefill_agrees = not findings
     for t, (a, b) in enumerate(zip(exp["generated_ids"], got["generated_ids"])):
+        step = _check_step_logits(exp, got, t, tol, prefill_agrees)
+        if step is not None:
+            return findings + [step]
         gap = exp["generated_gaps"][t]
         if a != b:
             verdict = NEAR if gap <= 2 * tol.logits else FAIL
@@ -307,35 +330,97 @@ def _check_logits_and_tokens(exp: dict, got: dict, tol: Tolerance) -> list[Findi
     return findings
 
 
-# ---------------------------------------------------------------- notes
+def _check_step_logits(exp: dict, got: dict, t: int, tol: Tolerance, prefill_agrees: bool) -> Finding | None:
+    """Rule 5a: the logits generated token t (t ≥ 1) was chosen from, within `logits` of the oracle's. Both runs
+    fed the same tokens before it (the caller stops at the first differing or near-tied token)."""
+    e, g = (exp.get("step_logits") or {}).get(str(t)), (got.get("step_logits") or {}).get(str(t))
+    if t == 0 or e is None or g is None:
+        return None
+    a, b = np.asarray(e), np.asarray(g)
+    if a.shape != b.shape:
+        return Finding(FAIL, f"step_logits[{t}]", f"expected {a.size} logits (the vocabulary), got {b.size}", step=t)
+    diff = np.abs(a - b)
+    if diff.max() <= tol.logits:
+        return None
+    worst = int(diff.argmax())
+    why = ("the prefill logits agree, so the prompt's caches are right: look at what decoding adds, the positions "
+           f"of the generated tokens (they continue at next_position = {exp['next_position']}), the cache each step "
+           "appends to and attends over, rotary at those positions" if prefill_agrees else
+           "the prefill logits differ too: look at the prefill first")
+    return Finding(FAIL, f"step_logits[{t}]", f"step {t} logits differ from SPEC's by up to {diff.max():.3g} "
+                   f"(vocabulary id {worst}), beyond {tol.logits}; {why}", None, None, float(diff.max()), step=t)
 
 
-def _score_notes(exp: dict, got: dict, tol: Tolerance) -> list[Finding]:
-    """Scores that differ from SPEC's without changing a decision: a constant factor (a mean for a sum), or more."""
-    notes = []
+# ---------------------------------------------------------------- rule 6: the scores themselves
+
+
+def _held(rec: dict, part: str, layer: int) -> np.ndarray:
+    """The prompt positions a layer of a pass held, row by row: scores of two runs are comparable only where
+    both layers held the same positions."""
+    if part == "first_pass":
+        return np.arange(rec["num_prompt_tokens"])
+    if METHOD[rec["method"]].per_layer:
+        return pyramid_rules.held_positions(rec)[layer]
+    if rec.get("first_pass") is not None:  # a second pass runs on the kept ids
+        return np.asarray(rec["kept_positions"], dtype=np.int64)
+    return layer_positions(rec, layer)
+
+
+def _score_pairs(exp: dict, got: dict, key: str) -> list[tuple]:
+    """(field, layer, expected, candidate, held positions) for every layer (and KV head) both runs scored while
+    holding the same positions."""
+    part = "first_pass" if key == "first_pass_scores" else "layers"
+    pairs = []
+    for layer, e in sorted((exp.get(key) or {}).items(), key=lambda kv: int(kv[0])):
+        g = (got.get(key) or {}).get(layer)
+        if g is None or np.shape(e) != np.shape(g):
+            continue
+        held_e, held_g = _held(exp, part, int(layer)), _held(got, part, int(layer))
+        if not np.array_equal(held_e, held_g):
+            continue  # an earlier decision (a near-tie) gave the layers other tokens
+        if key == "kv_scores":
+            pairs += [(f"kv_scores[{layer}][{h}]", int(layer), np.asarray(a), np.asarray(b), held_e)
+                      for h, (a, b) in enumerate(zip(e, g))]
+        else:
+            pairs.append((f"{key}[{layer}]", int(layer), np.asarray(e), np.asarray(g), held_e))
+    return pairs
+
+
+def _check_scores(exp: dict, got: dict, tol: Tolerance) -> list[Finding]:
+    """Rule 6: every score the candidate reports, against SPEC's, within `score` × the layer's (KV head's)
+    largest |score|. Beyond it is a FAIL even when no compared decision changed: this prompt's decisions
+    survived, the next prompt's will not. The one exception is an exact constant factor over every compared
+    layer (a mean for a sum), which cannot change any decision on any prompt: a NOTE naming the factor."""
+    findings = []
     for key, what in (("scores", "token scores"), ("first_pass_scores", "first-pass scores"),
                       ("kv_scores", "SnapKV scores")):
-        pairs = []
-        for layer, e in (exp.get(key) or {}).items():
-            g = (got.get(key) or {}).get(layer)
-            if g is not None:
-                pairs += list(zip(np.ravel(e), np.ravel(g))) if np.shape(e) == np.shape(g) else []
+        pairs = _score_pairs(exp, got, key)
         if not pairs:
             continue
-        e, g = np.asarray(pairs).T
-        scale = float(np.max(np.abs(e))) or 1.0
-        if np.max(np.abs(e - g)) <= tol.score * scale:
+        e_all = np.concatenate([p[2].ravel() for p in pairs])
+        g_all = np.concatenate([p[3].ravel() for p in pairs])
+        far = [(f, l, e, g, held) for f, l, e, g, held in pairs
+               if np.max(np.abs(e - g), initial=0.0) > tol.score * (float(np.max(np.abs(e), initial=0.0)) or 1.0)]
+        if not far:
             continue
-        c = float(e @ g / (e @ e)) if e @ e else 0.0
-        if np.max(np.abs(g - c * e)) <= tol.score * max(abs(c), 1e-300) * scale:
-            notes.append(Finding(NOTE, key, f"the candidate's {what} are {c:.6g} × SPEC's at every layer compared "
-                                 f"(a mean instead of a sum, or another constant factor): no decision changes, but "
-                                 f"these are not SPEC's scores, so its boundary gaps are not comparable either"))
-        else:
-            worst = float(np.max(np.abs(e - g))) / scale
-            notes.append(Finding(NOTE, key, f"the candidate's {what} differ from SPEC's by up to {worst:.3g} of the "
-                                 f"largest score (beyond {tol.score}), although no compared decision changed"))
-    return notes
+        c = float(e_all @ g_all / (e_all @ e_all)) if e_all @ e_all else 0.0
+        if c and all(np.max(np.abs(g - c * e), initial=0.0) <= tol.score * abs(c) * (float(np.max(np.abs(e))) or 1.0)
+                     for _, _, e, g, _ in pairs):
+            findings.append(Finding(NOTE, key, f"the candidate's {what} are {c:.6g} × SPEC's at every layer compared "
+                                    f"(a mean instead of a sum, or another constant factor): no decision changes on "
+                                    f"any prompt, but these are not SPEC's scores, so its boundary gaps are not "
+                                    f"comparable either"))
+            continue
+        field, layer, e, g, held = far[0]
+        scale = float(np.max(np.abs(e))) or 1.0
+        row = int(np.argmax(np.abs(e - g)))
+        position = int(held[row]) if row < len(held) else row
+        findings.append(Finding(FAIL, field, f"the candidate's score at position {position} is {g[row]:.6g}, SPEC's "
+                                f"{e[row]:.6g}: {abs(g[row] - e[row]) / scale:.3g} of the layer's largest score apart, "
+                                f"beyond {tol.score}. Wrong scores are a wrong implementation even where this "
+                                f"prompt's decisions survive (look at the window attention: its causal mask, "
+                                f"softmax, pooling, the head sums)", layer, position, abs(g[row] - e[row]) / scale))
+    return findings
 
 
 # ---------------------------------------------------------------- the verdict
@@ -361,14 +446,22 @@ def compare(expected: dict, got: dict, tol: Tolerance) -> tuple[str, list[Findin
     if any(x.verdict == FAIL for x in findings):
         return FAIL, findings
     if expected["next_position"] != got["next_position"]:
-        return FAIL, findings + [Finding(FAIL, "next_position", f"expected {expected['next_position']}, "
-                                         f"got {got['next_position']}")]
+        e, g = expected["next_position"], got["next_position"]
+        rule = ("after a second pass decoding continues at the number of kept tokens" if expected.get("first_pass")
+                else "a one-pass method keeps original positions, so the first generated token is at N")
+        hint = (" = the number of tokens cached after the selection: positions restarted at the cache length"
+                if expected.get("kept_positions") and g == len(expected["kept_positions"]) else "")
+        return FAIL, findings + [Finding(FAIL, "next_position", f"decoding starts at position {g}{hint}; SPEC's "
+                                         f"{e}: {rule}")]
     f = pyramid_rules.compare_decode(expected, got, tol) if METHOD[expected["method"]].per_layer else None
     if f is not None:  # the caches part after a decode step: the logits before it are still comparable
         findings.append(f)
+    scores = _check_scores(expected, got, tol)
+    if any(x.verdict == FAIL for x in scores):
+        return FAIL, findings + scores
     if not any(x.verdict == NEAR for x in findings):  # caches equal: logits and tokens are comparable
         findings += _check_logits_and_tokens(expected, got, tol)
-        findings += _score_notes(expected, got, tol)
+    findings += scores
     verdict = FAIL if any(x.verdict == FAIL for x in findings) else NEAR if any(x.verdict == NEAR for x in findings) \
         else PASS
     return verdict, findings

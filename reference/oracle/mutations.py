@@ -37,10 +37,12 @@ import reference.asl.generate as generate_module
 import reference.asl.methods as methods
 import reference.asl.pyramid as pyramid
 import reference.asl.scoring as scoring
+import reference.model.transformer as transformer
 from reference.asl.engine import ReferenceEngine
 from reference.asl.params import Params
 from reference.io.checkpoint import load_weights
 from reference.io.fetch import resolve_model
+from reference.model.rope import inverse_frequencies
 from reference.model.transformer import HeadCache, decoder_layer, project_qkv, rms_norm
 from reference.oracle.bundle import (
     check_trace,
@@ -290,6 +292,54 @@ def _initial_counts_of_every_layer(stored_rows, cache_lengths, N):
     return dataclasses.replace(state, counts=list(cache_lengths))
 
 
+def causal_window_softmax_self_masked(logits, xp=np):
+    """The window's causal mask written j >= i: each window query is hidden from its OWN key as well."""
+    w, n = logits.shape[-2:]
+    hidden = xp.asarray(np.triu(np.ones((w, w), dtype=bool), 0))  # the diagonal too
+    xp.copyto(logits[..., n - w:], logits.dtype.type(-np.inf), where=hidden)
+    logits -= logits.max(axis=-1, keepdims=True)
+    xp.exp(logits, out=logits)
+    logits /= logits.sum(axis=-1, keepdims=True)
+    return logits
+
+
+def rope_tables_float32_angles(cfg, positions, dtype):
+    """Rotary angles p · θ_i computed in float32 (then widened), in a float64 run."""
+    angles = positions.astype(np.float32)[:, None] * inverse_frequencies(cfg).astype(np.float32)[None, :]
+    angles = np.concatenate([angles, angles], axis=-1)
+    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+
+
+class DecodesAtCacheLength(ReferenceEngine):
+    """After a one-shot selection, generated tokens are rotated at len(kept) + t (the cache length: the classic
+    "position = cache length") instead of N + t; they still attend over the whole cache, and the trace says N."""
+
+    shift = 0  # N - len(kept), set by the patched run_prefill
+
+    def decode(self, cache, token, position, attention=False):
+        rope, shift = transformer.rope_tables, self.shift
+        transformer.rope_tables = lambda cfg, positions, dtype: rope(cfg, positions - shift, dtype)
+        try:
+            return super().decode(cache, token, position, attention)
+        finally:
+            transformer.rope_tables = rope
+
+
+def _decode_at_cache_length(engine, prompt_ids, method="full", params=None):
+    run = methods.run_prefill(engine, prompt_ids, method, params)
+    if run.kept_positions is not None and run.first_pass is None:
+        engine.shift = len(prompt_ids) - len(run.kept_positions)
+    return run
+
+
+def _steps_one_late(engine, prompt_ids, max_new_tokens, eos_ids=(), on_token=None, method="full", params=None):
+    """Each step reports the logits of the step before it (an off-by-one in the logits it records)."""
+    gen = _generate(engine, prompt_ids, max_new_tokens, eos_ids, on_token, method, params)
+    gen.step_logits = gen.step_logits[:1] + gen.step_logits[:-1]
+    return gen
+
+
+_generate = generate_module.generate
 _keep_count = pyramid.prefill_keep_count
 _initial_state = pyramid.initial_state
 _variance = criterion.rank_variance
@@ -386,6 +436,19 @@ CATALOGUE = (
     Mutation("pyramid-renumbered-positions", "after a PyramidInfer pruning the survivors get fresh positions",
              PYRAMID_FIELD + r"|kv_positions\[\d+\]\[\d+\]|decode_compressions|logits", engine=RenumberedAfterPruning,
              cases=("pyramidinfer",)),
+    # numbers that are wrong where this prompt's decisions may survive
+    Mutation("decode-at-cache-length", "after a one-shot selection generated tokens are rotated at len(kept) + t, "
+             "not N + t", r"step_logits|next_position", ((generate_module, "run_prefill", _decode_at_cache_length),),
+             engine=DecodesAtCacheLength, cases=("fastkv", "asl")),
+    Mutation("window-self-masked", "the window's causal mask is j >= i: each window query is hidden from its own key",
+             r"^(scores|kv_scores|first_pass_scores)\[|kept_positions|kv_positions|select_layer|layers\[\d+\]",
+             ((scoring, "causal_window_softmax", causal_window_softmax_self_masked),),
+             cases=("fastkv", "snapkv", "asl")),
+    Mutation("rope-float32-angles", "rotary angles computed in float32 in a float64 run",
+             r"^(scores|kv_scores|first_pass_scores)\[|logits|step_logits",
+             ((transformer, "rope_tables", rope_tables_float32_angles),), cases=("full", "fastkv")),
+    Mutation("step-logits-one-late", "each decoding step reports the logits of the step before it",
+             r"step_logits", ((generate_module, "generate", _steps_one_late),), cases=("full",)),
     Mutation("pyramid-decode-counts", "PyramidInfer's decode bookkeeping starts every P_i at the layer's cache "
              "length (the authors' code: 0 but for the last layer)", r"decode_compressions",
              ((pyramid, "initial_state", _initial_counts_of_every_layer),), cases=("pyramidinfer",)),

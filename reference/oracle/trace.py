@@ -38,12 +38,14 @@ from reference.model.config import Config
 SCHEMA_VERSION = 2
 UPGRADE = {  # what each older version lacks, in one line, and how to upgrade
     1: "version 2 added PyramidInfer: every layer entry gains kept_tokens (null, or len(kept_positions) at "
-       "select_layer) and keep_ratio (null), and the trace gains decode_compressions (null); make the trace again "
-       "with this asl-oracle, or upgrade it with `asl trace FILE --upgrade OUT`",
+       "select_layer) and keep_ratio (null), and the trace gains decode_compressions (null) and the optional "
+       "step_logits/t arrays that judge decoding; make the trace again with this asl-oracle, or upgrade it with "
+       "`asl trace FILE --upgrade OUT`",
 }
 SCHEMA_PATH = Path(__file__).with_name("trace_schema.json")
 BYTES_PER_ELEMENT = {"float32": 4, "float64": 8}
 INF = "inf"  # JSON spelling of ratio = +inf (and margin = +inf)
+DTYPE_INFERRED = "dtype inferred:"  # how the kit's note begins when a candidate did not state its dtype
 
 
 # ---------------------------------------------------------------- the model's identity
@@ -177,6 +179,8 @@ def make_trace(
             arrays[f"kept/{rec.layer}"] = np.asarray(rec.kept, dtype=np.int64)  # (kept_tokens,)
     for i, c in enumerate(gen.compressions):
         arrays[f"decode_scores/{i}"] = np.asarray(c.scores)  # (len(scored_positions),)
+    for t, logits in enumerate(gen.step_logits[1:], start=1):
+        arrays[f"step_logits/{t}"] = np.asarray(logits)  # (V,): generated id t was chosen from them
     return trace, arrays
 
 
@@ -319,9 +323,9 @@ def _check_consistency(doc: dict) -> None:
     expected_next = N if first is None else (len(kept) if kept is not None else None)
     if expected_next is None:
         raise _Invalid("$.first_pass", "a two-pass trace needs kept_positions (the tokens of the second pass)")
-    if doc["next_position"] != expected_next:
-        rule = "N (one pass)" if first is None else "len(kept_positions) (second pass)"
-        raise _Invalid("$.next_position", f"is {doc['next_position']}; expected {rule} = {expected_next}")
+    if not 1 <= doc["next_position"] <= N:  # where decoding starts is judged (conformance), not assumed
+        raise _Invalid("$.next_position", f"is {doc['next_position']}; expected a position in [1, N = {N}] (N for "
+                                          "one-pass methods, len(kept_positions) after a second pass)")
     if len(doc["layers"]) != L:
         raise _Invalid("$.layers", f"has {len(doc['layers'])} entries; expected one per layer ({L})")
     _check_params(doc)
@@ -432,8 +436,16 @@ def _expected_arrays(doc: dict) -> dict[str, int | None]:
     return names
 
 
+def _pass_length(doc: dict) -> int:
+    """How many positions the decoding pass numbers: N, or len(kept_positions) after a second pass."""
+    return doc["num_prompt_tokens"] if doc["first_pass"] is None else len(doc["kept_positions"])
+
+
 def _check_arrays(doc: dict, arrays: dict[str, np.ndarray]) -> None:
     expected = _expected_arrays(doc)
+    steps = [n for n in arrays if n.startswith("step_logits/")]  # optional: all of them, or none
+    if steps:
+        expected |= {f"step_logits/{t}": doc["model"]["vocab_size"] for t in range(1, len(doc["generated_ids"]))}
     missing = [name for name in expected if name not in arrays]
     if missing:
         raise _Invalid(f"array '{missing[0]}'", f"is missing ({len(missing)} missing in all); the JSON fields imply it")
@@ -441,7 +453,7 @@ def _check_arrays(doc: dict, arrays: dict[str, np.ndarray]) -> None:
     if extra:
         raise _Invalid(f"array '{extra[0]}'", "is not implied by the JSON fields (no such scored layer or KV head)")
     for name, a in arrays.items():
-        kind = "f" if name == "logits" or "scores/" in name else "i"  # scores/, kv_scores/, decode_scores/
+        kind = "f" if name == "logits" or "scores/" in name or "logits/" in name else "i"  # scores, step logits
         if a.ndim != 1 or a.dtype.kind != kind:
             want = "floating" if kind == "f" else "integer"
             raise _Invalid(f"array '{name}'", f"has shape {a.shape} and dtype {a.dtype}; expected a 1-D {want} array")
@@ -459,9 +471,9 @@ def _check_arrays(doc: dict, arrays: dict[str, np.ndarray]) -> None:
             if len(pos) and (pos[0] < 0 or pos[-1] >= N or (np.diff(pos) <= 0).any()):
                 raise _Invalid(f"array '{name}'", f"expected strictly ascending prompt positions in [0, {N})")
         if name.startswith("kv_positions/"):
-            pos = arrays[name]
-            if len(pos) and (pos[0] < 0 or pos[-1] >= doc["next_position"] or (np.diff(pos) <= 0).any()):
-                raise _Invalid(f"array '{name}'", f"expected strictly ascending positions in [0, {doc['next_position']})")
+            pos, bound = arrays[name], _pass_length(doc)
+            if len(pos) and (pos[0] < 0 or pos[-1] >= bound or (np.diff(pos) <= 0).any()):
+                raise _Invalid(f"array '{name}'", f"expected strictly ascending positions in [0, {bound})")
 
 
 def _validate(doc, arrays: dict[str, np.ndarray] | None) -> None:
