@@ -162,3 +162,27 @@ def test_unsupported_weight_dtype_is_refused():
 
     with pytest.raises(OracleError, match="weight dtype must be one of float16, float32"):
         load_device_weights(CHECKPOINTS / "tiny-llama", np, "bfloat16", progress=False)
+
+
+def test_run_warns_when_nothing_would_be_pruned_and_trace_teaches(tmp_path):
+    """`asl run` says in one line when the settings keep every token, and what to try; `asl trace` lists only
+    the parameters the method reads, |U| and v per scored layer, why a layer was selected, and its units."""
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps(list(range(3, 63))))
+    out = run_asl("run", "--model", "tiny-llama", "--prompt-ids", str(ids), "--method", "asl", "--window", "8",
+                  "--l-min", "6", "--l-obs", "4", "--tau", "0.9", "--max-new-tokens", "2",
+                  "--trace", str(tmp_path / "t.json"), "--trace-arrays")
+    assert out.returncode == 0, out.stderr
+    warnings = [line for line in out.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "select-k = 2048 ≥ N = 60" in warnings[0] and "try --select-k below 60" in warnings[0]
+    (tmp_path / "short.json").write_text(json.dumps(list(range(3, 23))))
+    short = run_asl("run", "--model", "tiny-llama", "--prompt-ids", str(tmp_path / "short.json"), "--method", "fastkv",
+                    "--max-new-tokens", "1")
+    assert "N = 20 prompt tokens ≤ window = 32" in short.stderr and "try --window below 20" in short.stderr
+    shown = run_asl("trace", str(tmp_path / "t.json"))
+    assert shown.returncode == 0, shown.stderr
+    header = shown.stdout.splitlines()[0]
+    assert '"tau": 0.9' in header and "select_layer" not in header and "filter_layer" not in header
+    assert "|U|" in shown.stdout and "rank²" in shown.stdout and "score units" in shown.stdout
+    assert "<- selected (N ≤ k: the kept set is the whole prompt" in shown.stdout
+    assert "numpy.load(" in shown.stdout

@@ -411,15 +411,23 @@ def _check_scores(exp: dict, got: dict, tol: Tolerance) -> list[Finding]:
                                     f"any prompt, but these are not SPEC's scores, so its boundary gaps are not "
                                     f"comparable either"))
             continue
+        scaled = c and abs(c - 1.0) > tol.score  # a constant factor explains most of it: judge what it leaves
+        if scaled:
+            far = [p for p in pairs if np.max(np.abs(p[3] - c * p[2]), initial=0.0)
+                   > tol.score * abs(c) * (float(np.max(np.abs(p[2]), initial=0.0)) or 1.0)]
         field, layer, e, g, held = far[0]
         scale = float(np.max(np.abs(e))) or 1.0
-        row = int(np.argmax(np.abs(e - g)))
+        ref = c * e if scaled else e
+        row = int(np.argmax(np.abs(ref - g)))
         position = int(held[row]) if row < len(held) else row
-        findings.append(Finding(FAIL, field, f"the candidate's score at position {position} is {g[row]:.6g}, SPEC's "
-                                f"{e[row]:.6g}: {abs(g[row] - e[row]) / scale:.3g} of the layer's largest score apart, "
-                                f"beyond {tol.score}. Wrong scores are a wrong implementation even where this "
-                                f"prompt's decisions survive (look at the window attention: its causal mask, "
-                                f"softmax, pooling, the head sums)", layer, position, abs(g[row] - e[row]) / scale))
+        apart_by = abs(g[row] - ref[row]) / (abs(c) * scale if scaled else scale)
+        factor = (f"the candidate's {what} are {c:.6g} × SPEC's (a constant factor, which alone changes no decision) "
+                  f"up to a residual: at position {position} {g[row]:.6g} against {c:.6g} × {e[row]:.6g}, "
+                  if scaled else f"the candidate's score at position {position} is {g[row]:.6g}, SPEC's {e[row]:.6g}: ")
+        findings.append(Finding(FAIL, field, f"{factor}{apart_by:.3g} of the layer's largest score apart, beyond "
+                                f"{tol.score}. Wrong scores are a wrong implementation even where this prompt's "
+                                f"decisions survive (look at the window attention: its causal mask, softmax and its "
+                                f"precision, pooling, the head sums)", layer, position, apart_by))
     return findings
 
 
