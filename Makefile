@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ASL    := $(VENV)/bin/asl
 
-.PHONY: demo test venv venv-test smollm2 tiny-checkpoints goldens bench clean help check-kvpress gpu-wheels
+.PHONY: demo test venv venv-test smollm2 tiny-checkpoints goldens bench clean help check-kvpress gpu-wheels screenshots
 
 help:
 	@echo "make demo   - set up .venv, fetch SmolLM2 (once), answer a pass key hidden in ~1K tokens"
@@ -13,6 +13,7 @@ help:
 	@echo "make tiny-checkpoints - regenerate the committed tiny checkpoints (deterministic)"
 	@echo "make goldens - regenerate tests/goldens/ and print the diff of every change"
 	@echo "make gpu-wheels - cp312 manylinux wheels of what the GPU image lacks, into .whl/ (docs/gpu.md)"
+	@echo "make screenshots - docs/images/view-*.png: asl view of SmolLM2's demo run and of a planted-bug FAIL (docs/view.md)"
 	@echo "make check-kvpress - judge kvpress's SnapKVPress with the oracle, in its own .venv-kvpress (docs/integrations.md)"
 
 $(PY):
@@ -47,6 +48,11 @@ bench: $(VENV)/.test
 
 tiny-checkpoints: $(VENV)/.base
 	$(PY) -m reference.io.tiny
+
+# The pictures of docs/view.md: SmolLM2's demo run and a planted-bug FAIL, as `asl view` draws them (headless chromium).
+screenshots: smollm2
+	@command -v chromium >/dev/null || { echo "make screenshots needs Debian's chromium: apt-get install chromium"; exit 1; }
+	$(PY) docs/images/screenshots.py
 
 goldens: $(VENV)/.base
 	$(PY) -m reference.oracle.goldens --out tests/goldens

@@ -9,7 +9,8 @@
     asl eval --model M --tasks ... --out DIR   long-context tasks for every method, resumable
     asl report DIR                       the table and pictures of an eval folder
     asl golden --model M --out DIR       write a golden bundle for other implementations
-    asl check CANDIDATE --golden DIR     judge a candidate's traces against a bundle
+    asl check CANDIDATE --golden DIR     judge a candidate's traces against a bundle [--html PAGES]
+    asl view TRACE [--golden BUNDLE]     the run (or its check) as one self-contained HTML page
     asl demo                             the passkey demo that `make demo` runs
 
 Bad input is reported as one line on stderr and exit status 2.
@@ -48,6 +49,7 @@ from reference.oracle.mutations import self_test
 from reference.io.atomic import atomic_write
 from reference.oracle.trace import load_trace, make_trace, model_sha256, read_npz, save_trace, upgrade, validate_trace
 from reference.oracle.verdicts import VERDICTS
+from reference.oracle.view import write_check_pages, write_view
 
 MODEL_HELP = "checkpoint directory (Hugging Face layout) or alias: tiny-llama, tiny-qwen2, smollm2"
 
@@ -157,6 +159,8 @@ def cmd_run(args) -> int:
     params = _params(args)
     check_params(args.method, params, weights.config.num_hidden_layers)  # before any long work
     ids = _prompt_ids(args, tok)
+    for warning in prunes_nothing(args.method, params, len(ids)):
+        print(f"asl: warning: {warning}", file=sys.stderr)
     result = generate(engine or weights, ids, args.max_new_tokens, eos, method=args.method, params=params)
     sha = model_sha256(model_dir) if args.trace else ""  # hashing reads every weight: only for a saved trace
     trace, arrays = make_trace(result, model_name=args.model, model_sha256=sha, config=weights.config, dtype=args.dtype)
@@ -169,34 +173,83 @@ def cmd_run(args) -> int:
     return 0
 
 
+def prunes_nothing(method: str, p: Params, N: int) -> list[str]:
+    """One line for each setting under which the method would keep every token of this prompt, and what to try."""
+    m, out = METHOD[method], []
+    if m.window_scored and N <= p.window:
+        out.append(f"N = {N} prompt tokens ≤ window = {p.window}: no token can be scored, {method} runs as full; "
+                   f"try --window below {N}, e.g. {max(N // 4, 1)}, or a longer prompt")
+    elif "select_k" in m.uses and p.select_k >= N:
+        out.append(f"select-k = {p.select_k} ≥ N = {N} prompt tokens: {method} keeps every token and prunes nothing "
+                   f"(it still reports where it would select); try --select-k below {N}, e.g. {max(N // 4, p.window + 1)}")
+    if p.kv_budget is not None and p.kv_budget >= N:
+        out.append(f"kv-budget = {p.kv_budget} ≥ N = {N} prompt tokens: SnapKV keeps every cache entry; try "
+                   f"--kv-budget below {N}, e.g. {max(N // 4, p.window + 1)}")
+    if m.per_layer:
+        context = N - 1 - int(N * p.recent_ratio)
+        if context <= p.min_context_length:
+            out.append(f"the context (N − 1 − int(N · recent_ratio) = {context} tokens) is not longer than "
+                       f"min-context-length = {p.min_context_length}: pyramidinfer prunes nothing in prefill; try a "
+                       "longer prompt or a smaller --min-context-length")
+    return out
+
+
+def used_params(trace: dict) -> dict:
+    """The parameters the trace's method reads (with SnapKV's when a budget is set)."""
+    uses = set(METHOD[trace["method"]].uses)
+    if trace["params"].get("kv_budget") is not None:
+        uses |= {"kv_budget", "window", "kernel", "pooling"}
+    return {k: v for k, v in trace["params"].items() if k in uses}
+
+
+def _cell(x, fmt: str) -> str:
+    return "" if x is None else (x if isinstance(x, str) else format(x, fmt))
+
+
+TRACE_UNITS = ("units: |U| = tokens in the union of the last l-obs top-k' sets; v = their rank variance, in rank² "
+               "(squared rank differences); ratio = v / V0 (V0 = v at l-min), no unit; margin = ratio − tau, the "
+               "criterion fires below 0; boundary gap = score of the last kept token minus the first dropped, in "
+               "score units (attention probability summed over the window's queries and the heads, semantics.md §1; "
+               "GemFilter: raw dot products; PyramidInfer: mean distance-weighted attention probability); kept = "
+               "tokens passed on to the next layer")
+
+
 def cmd_trace(args) -> int:
     if args.upgrade:
         return _upgrade_trace(Path(args.file), Path(args.upgrade))
     trace, arrays = load_trace(args.file)
-    print(f"{trace['method']} on {trace['model']['name']} ({trace['dtype']}), {trace['num_prompt_tokens']} prompt tokens, "
-          f"params {json.dumps(trace['params'])}")
+    used = used_params(trace)
+    print(f"{trace['method']} on {trace['model']['name']} ({trace['dtype']}), {trace['num_prompt_tokens']} prompt "
+          f"tokens; parameters it reads: {json.dumps(used) if used else 'none'}")
     print(summary_line(trace))
     for note in trace["notes"]:
         print(f"  note: {note}")
     for title, entries in (("first pass", trace["first_pass"]), ("layers", trace["layers"])):
         if not entries:
             continue
-        print(f"{title}:\n  {'layer':>5} {'prefill':>8} {'kv per head':<16} {'ratio':>8} {'margin':>9} {'boundary gap':>12}"
-              f" {'kept':>6}")
+        print(f"{title}:\n  {'layer':>5} {'prefill':>8} {'kv per head':<16} {'|U|':>5} {'v':>10} {'ratio':>8} "
+              f"{'margin':>9} {'boundary gap':>12} {'kept':>6}")
+        v0 = next((e["v"] for e in entries if e["v"] is not None), None)  # v at L_min
         for e in entries:
-            ratio = "" if e["ratio"] is None else (e["ratio"] if isinstance(e["ratio"], str) else f"{e['ratio']:.4f}")
-            margin = "" if e["margin"] is None else (e["margin"] if isinstance(e["margin"], str) else f"{e['margin']:+.4f}")
-            gap = "" if e["boundary_gap"] is None else f"{e['boundary_gap']:.3g}"
-            mark = "  <- selected" if e["layer"] == trace["select_layer"] and title == "layers" or \
-                (title == "first pass" and e["layer"] == trace["select_layer"]) else ""
+            selected = e["layer"] == trace["select_layer"] and (title == "first pass") == (trace["first_pass"] is not None)
+            mark = "  <- selected" if selected else ""
+            if selected and e["ratio"] is not None and v0 == 0:
+                mark += " (V0 = 0: the top tokens did not move at all, so the ratio is 0 by definition, semantics.md §8)"
+            if selected and any(n.startswith("N ≤ k") for n in trace["notes"]):
+                mark += " (N ≤ k: the kept set is the whole prompt, nothing pruned)"
             kept = "" if e["kept_tokens"] is None else str(e["kept_tokens"])
-            print(f"  {e['layer']:>5} {e['prefill_tokens']:>8} {str(e['kv_tokens']):<16} {ratio:>8} {margin:>9} {gap:>12}"
-                  f" {kept:>6}{mark}")
+            print(f"  {e['layer']:>5} {e['prefill_tokens']:>8} {str(e['kv_tokens']):<16} "
+                  f"{_cell(e['union_size'], 'd'):>5} {_cell(e['v'], '.4g'):>10} {_cell(e['ratio'], '.4f'):>8} "
+                  f"{_cell(e['margin'], '+.4f'):>9} {_cell(e['boundary_gap'], '.3g'):>12} {kept:>6}{mark}")
+    print(TRACE_UNITS)
     if trace["decode_compressions"] is not None:
         steps = len({c["step"] for c in trace["decode_compressions"]})
         print(f"decode-stage compressions: {len(trace['decode_compressions'])} (at {steps} steps)")
     if arrays:
-        print(f"arrays: {len(arrays)} in {trace['arrays_file']}")
+        npz = Path(args.file).parent / trace["arrays_file"]
+        kinds = sorted({name.split("/")[0] for name in arrays})
+        print(f"arrays: {len(arrays)} in {npz} ({', '.join(kinds)}; docs/trace.md names them); see them drawn with "
+              f"`asl view {args.file}`, or list them with python -c \"import numpy; print(numpy.load('{npz}').files)\"")
     return 0
 
 
@@ -242,7 +295,15 @@ def cmd_check(args) -> int:
         verdicts = (*VERDICTS, INCOMPLETE, ERROR, NOT_CHECKED)
         counts = {v: sum(r.verdict == v for r in results) for v in verdicts}
         print("summary: " + ", ".join(f"{n} {v}" for v, n in counts.items() if n or v in verdicts[:3]))
+    if args.html:
+        index = write_check_pages(results, Path(args.candidate), Path(args.golden), Path(args.html))
+        print(f"pages: {index}", file=sys.stderr if args.json else sys.stdout)
     return 0 if all(r.verdict in PASSING or r.verdict == NOT_CHECKED for r in results) else 1
+
+
+def cmd_view(args) -> int:
+    print(write_view(args.trace, args.output, args.golden, args.model))
+    return 0
 
 
 def _csv(text: str, kind=str) -> list:
@@ -424,7 +485,22 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--dtype", choices=["float16", "float32", "float64"], default=None,
                     help="tolerances for this dtype (default: the less precise of the candidate's and the bundle's)")
     ck.add_argument("--json", action="store_true", help="machine-readable results")
+    ck.add_argument("--html", metavar="DIR", help="also write one HTML page per checked case and DIR/index.html "
+                                                  "of the verdicts (docs/view.md)")
     ck.set_defaults(func=cmd_check)
+
+    vw = sub.add_parser("view", help="the run (or its check against a bundle) as one self-contained HTML page",
+                        description="Write one HTML page (no network, no server: open it from the file) showing "
+                                    "the run, its tokens and cache per layer, ASL's ratio against tau, and the "
+                                    "prompt's text with the kept tokens highlighted; with --golden, the check of "
+                                    "this trace against the golden one (docs/view.md). Prints the page's path.")
+    vw.add_argument("trace", help="trace JSON written by `asl run --trace` (its .npz is read when it names one)")
+    vw.add_argument("--golden", metavar="BUNDLE", help="a bundle directory (the case is the trace's name, "
+                                                       "CASE.trace.json) or the expected trace file: show the check")
+    vw.add_argument("-o", "--output", metavar="PAGE", help="the page to write (default: the trace with suffix .html)")
+    vw.add_argument("--model", help="checkpoint directory or alias whose tokenizer decodes the prompt (default: the "
+                                    "trace's model; token ids when none is at hand)")
+    vw.set_defaults(func=cmd_view)
 
     ev = sub.add_parser("eval", help="long-context tasks x lengths x methods, one JSONL line per run (resumable)",
                         description="Run offline RULER-, InfiniteBench- and NIAH-style tasks (docs/evaluation.md) "
