@@ -158,10 +158,19 @@ class PortEngine:
         q, k, v = out
         h = self.rms_norm(x, lw.attn_norm)
         heads = lambda y: y.reshape(T, -1, cfg.head_dim).transpose(1, 0, 2)  # (T, n·hd) -> (n, T, hd) view
-        rotate_into(q, heads(self.linear(h, lw.wq, lw.bq)), cos, sin)
-        rotate_into(k, heads(self.linear(h, lw.wk, lw.bk)), cos, sin)
+        rotate_into(q, heads(self.project(h, lw.wq, lw.bq, lw.q_norm)), cos, sin)
+        rotate_into(k, heads(self.project(h, lw.wk, lw.bk, lw.k_norm)), cos, sin)
         v[...] = heads(self.linear(h, lw.wv, lw.bv))
         return q, k, v
+
+    def project(self, h, w, b, head_norm):
+        """h @ W^T (+ b), (T, n·hd); Qwen3's `head_norm` (hd,) RMS-normalises each head's hd values first (the
+        reference's q_norm / k_norm: the port's rms_norm over rows of hd, the same eps), before any rotation."""
+        y = self.linear(h, w, b)
+        if head_norm is None:
+            return y
+        hd = self.config.head_dim
+        return self.rms_norm(y.reshape(-1, hd), head_norm).reshape(y.shape)
 
     def by_rows(self, T: int, work) -> None:
         """work(rows) for slices of rows covering 0..T: token-wise work (norms, projections, MLP) has
@@ -327,10 +336,10 @@ class PortEngine:
         lw, cfg = self.weights.layers[i], self.config
         h = self.rms_norm(x, lw.attn_norm)
         cos, sin = self.rope_tables(positions)
-        q_last = apply_rope(self.linear(h[-1:], lw.wq, lw.bq).reshape(1, cfg.num_attention_heads, -1).transpose(1, 0, 2),
-                            cos[-1:], sin[-1:])[:, 0]  # (H, hd)
-        k = apply_rope(self.linear(h, lw.wk, lw.bk).reshape(len(positions), cfg.num_key_value_heads, -1).transpose(1, 0, 2),
-                       cos, sin)  # (H_kv, N, hd)
+        q_last = apply_rope(self.project(h[-1:], lw.wq, lw.bq, lw.q_norm).reshape(1, cfg.num_attention_heads, -1)
+                            .transpose(1, 0, 2), cos[-1:], sin[-1:])[:, 0]  # (H, hd)
+        k = apply_rope(self.project(h, lw.wk, lw.bk, lw.k_norm).reshape(len(positions), cfg.num_key_value_heads, -1)
+                       .transpose(1, 0, 2), cos, sin)  # (H_kv, N, hd)
         return to_host(last_query_scores(q_last, k, cfg.group_size, kernel, xp=self.xp))
 
     def compress(self, cache: PortLayerCache, keep: list[np.ndarray]) -> PortLayerCache:
@@ -366,6 +375,12 @@ class PortEngine:
         first = cache.pos[0, : cache.lengths[0]]  # compared once here, not at every decoding step
         cache.aligned = all(np.array_equal(cache.pos[g, :n], first) for g, n in enumerate(cache.lengths))
         return cache
+
+    def copy_cache(self, cache: PortLayerCache) -> PortLayerCache:
+        """A copy with storage of its own (its capacity too), which compress may compact in place and decode append
+        to without touching `cache`: how `reference.asl.sharing.SharedPrefill` hands a remembered layer to a method."""
+        return dataclasses.replace(cache, k=cache.k.copy(), v=cache.v.copy(), pos=cache.pos.copy(),
+                                   lengths=list(cache.lengths), shared=False)
 
     def positions(self, cache: PortLayerCache) -> list[np.ndarray]:
         return [cache.pos[g, :n].copy() for g, n in enumerate(cache.lengths)]

@@ -5,7 +5,10 @@ shapes are reused as they are (`reference.io.checkpoint`). Each tensor is read
 from its memory-mapped shard, sent to the device, checked for finiteness
 there, and stored in the weight dtype: float16 on a GPU (BF16 checkpoints are
 widened exactly, then rounded once), unless a tensor overflows float16 (it is
-then kept in float32, and the loader says so).
+then kept in float32, and the loader says so). Phi-3's fused qkv_proj and
+gate_up_proj are streamed, checked and converted as the one tensor each is on
+disk, and split into row blocks (views, no copy) by the reference's `assemble`,
+once, at load time.
 """
 
 from __future__ import annotations

@@ -102,8 +102,8 @@ def test_unsupported_model_type_in_a_checkpoint(tmp_path):
     d = tmp_path / "ckpt"
     shutil.copytree(CHECKPOINTS / "tiny-llama", d)
     cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps(cfg | {"model_type": "phi3"}))
-    with pytest.raises(OracleError, match="model_type 'phi3' is not supported"):
+    (d / "config.json").write_text(json.dumps(cfg | {"model_type": "gemma2"}))
+    with pytest.raises(OracleError, match="model_type 'gemma2' is not supported"):
         load_weights(d)
 
 

@@ -3,12 +3,18 @@
 float64: logits agree to 1e-8 (max abs). transformers computes RMSNorm and the
 rotary angles in float32 even for a float64 model, so for the float64 check
 those two pieces of its model are lifted to float64 (see `lift_to_float64`);
-everything else (projections, rotation, GQA, masking, softmax, MLP, tying,
-config parsing) is transformers' own code. The rotary frequencies it computes
-itself (llama3 scaling included) are first checked against ours.
+everything else (projections, Qwen3's q/k norms, Phi-3's fused projections,
+rotation, GQA, masking, softmax, MLP, tying, config parsing) is transformers'
+own code. The rotary frequencies it computes itself (llama3 scaling and both of
+LongRoPE's factor sets included) are first checked against ours, and which
+LongRoPE set a forward call uses stays transformers' own decision.
 
 float32: logits agree to 1e-3 with the same arg-max at every position, and
 SmolLM2's greedy continuations of chat prompts are token-identical.
+tiny-qwen3 and tiny-phi3 (with prompts on both sides of Phi-3's
+original_max_position_embeddings = 64) are checked the same way, and their
+greedy continuations in float64 are token-identical, a Phi-3 generation that
+crosses the boundary included (transformers recomputes the cache there).
 """
 
 from __future__ import annotations
@@ -26,16 +32,24 @@ from reference.io.checkpoint import (
     load_weights,  # noqa: E402
 )
 from reference.io.tokenizer import encode_chat, load_tokenizer  # noqa: E402
-from reference.model.rope import inverse_frequencies  # noqa: E402
-from reference.model.transformer import prefill  # noqa: E402
+from reference.model.rope import attention_scaling, inverse_frequencies  # noqa: E402
+from reference.model.transformer import decode_step, prefill  # noqa: E402
+from tests.conftest import CHECKPOINTS  # noqa: E402
 
 pytestmark = pytest.mark.crosscheck
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 TOLERANCE = {"float64": 1e-8, "float32": 1e-3}
+NEW_TINY = ["tiny-qwen3", "tiny-phi3"]
 
 
 def lift_to_float64(model, cfg) -> None:
-    """Make transformers' RMSNorm and rotary embedding compute in the model's dtype (float64)."""
+    """Make transformers' RMSNorm and rotary embedding compute in the model's dtype (float64).
+
+    The rotary module's own forward still runs first at every call, so transformers itself picks the
+    frequencies (LongRoPE: short or long factors, from the call's positions); the lifted forward then uses
+    our float64 copy of the set it picked (each set checked against transformers' float32 one), and records
+    which set that was in `rotary.chosen` (0 short / default, 1 long).
+    """
 
     def rms_norm(self, x):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
@@ -45,12 +59,22 @@ def lift_to_float64(model, cfg) -> None:
             module.forward = rms_norm.__get__(module)
 
     rotary = model.model.rotary_emb
-    ours = torch.tensor(inverse_frequencies(cfg), dtype=torch.float64)
-    theirs = rotary.inv_freq.to(torch.float64)  # transformers' own frequencies, in float32
-    torch.testing.assert_close(theirs, ours, rtol=1e-6, atol=0)
+    theirs_forward = rotary.forward  # bound, with transformers' dynamic_rope_update around it
+    ours = [torch.tensor(inverse_frequencies(cfg, long), dtype=torch.float64) for long in (False, True)]
+    torch.testing.assert_close(rotary.inv_freq.to(torch.float64), ours[0], rtol=1e-6, atol=0)
+    assert rotary.attention_scaling == pytest.approx(attention_scaling(cfg), rel=1e-15)
+    if cfg.rope_scaling.rope_type == "longrope":  # a call of original_max + 1 positions: transformers' long set
+        last = cfg.rope_scaling.original_max_position_embeddings
+        theirs_forward(torch.zeros(1, dtype=torch.float32), torch.tensor([[last]]))
+        torch.testing.assert_close(rotary.inv_freq.to(torch.float64), ours[1], rtol=1e-6, atol=0)
+        assert not torch.allclose(ours[0], ours[1])  # the two sets are told apart below
+    rotary.chosen = []
 
     def rotary_forward(self, x, position_ids):
-        angles = position_ids[..., None].to(torch.float64) * ours
+        theirs_forward(x, position_ids)  # transformers decides the set for this call (self.inv_freq)
+        picked = [i for i, f in enumerate(ours) if torch.allclose(self.inv_freq.to(torch.float64), f, rtol=1e-6, atol=0)]
+        self.chosen.append(picked[0])
+        angles = position_ids[..., None].to(torch.float64) * ours[picked[0]]
         angles = torch.cat((angles, angles), dim=-1)
         return (angles.cos() * self.attention_scaling).to(x.dtype), (angles.sin() * self.attention_scaling).to(x.dtype)
 
@@ -185,3 +209,79 @@ def test_architecture_variants_match_transformers(tmp_path, name, change, biases
     assert weights.config.o_proj_bias == biases
     ours, _ = prefill(weights, ids, all_logits=True)
     assert_logits_agree(ours, hf_logits(hf_model(d, "float64"), ids), "float64")
+
+
+# ---------------------------------------------------------------- Qwen3 and Phi-3
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("n_tokens", [1, 40, 100])
+@pytest.mark.parametrize("name", NEW_TINY)
+def test_qwen3_and_phi3_match_transformers(name, dtype, n_tokens):
+    """40 tokens: Phi-3 within original_max_position_embeddings = 64 (short factors); 100: past it (long)."""
+    d = CHECKPOINTS / name
+    ids = np.random.default_rng(n_tokens).integers(0, 259, n_tokens).tolist()
+    weights, model = load_weights(d, dtype), hf_model(d, dtype)
+    ours, _ = prefill(weights, ids, all_logits=True)
+    assert_logits_agree(ours, hf_logits(model, ids), dtype)
+    if dtype == "float64":
+        long = weights.config.rope_scaling.rope_type == "longrope" and n_tokens > 64
+        assert model.model.rotary_emb.chosen == [int(long)]  # transformers' own choice, one forward call
+
+
+def hf_greedy(model, ids, n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, min_new_tokens=n)
+    return out[0, len(ids):].tolist()
+
+
+def greedy_by_prefill(weights, ids, n: int) -> list[int]:
+    """Greedy tokens, each from a fresh prefill of everything so far (no cache)."""
+    ids = list(ids)
+    for _ in range(n):
+        logits, _ = prefill(weights, ids)
+        ids.append(int(np.argmax(logits)))
+    return ids[-n:]
+
+
+@pytest.mark.parametrize("name, n_prompt", [("tiny-qwen3", 40), ("tiny-phi3", 20), ("tiny-phi3", 100)])
+def test_greedy_continuations_are_token_identical(name, n_prompt):
+    """float64, 12 new tokens; Phi-3's stay on one side of the boundary (20 + 12 <= 64; 100 > 64)."""
+    d = CHECKPOINTS / name
+    ids = np.random.default_rng(n_prompt).integers(3, 259, n_prompt).tolist()
+    weights = load_weights(d, "float64")
+    ours = generate(weights, ids, 12, ()).generated_ids
+    assert ours == hf_greedy(hf_model(d, "float64"), ids, 12)
+
+
+def test_phi3_generation_across_the_boundary_is_transformers_recompute():
+    """A Phi-3 generation from 58 tokens to 70 crosses original_max_position_embeddings = 64: at the step whose
+    sequence reaches 65 tokens transformers' Phi3ForCausalLM drops its cache and recomputes everything with the
+    long factors (prepare_inputs_for_generation). Its greedy tokens are exactly those of a fresh prefill of the
+    whole sequence at every step (the per-call rule, docs/models.md); decoding on with the short-factor cache
+    gives other logits at that step, and those are exactly transformers' own when its model is called with the
+    cache (no generate): the per-call rule, keys cached short, the new token long."""
+    d = CHECKPOINTS / "tiny-phi3"
+    ids = np.random.default_rng(58).integers(3, 259, 58).tolist()
+    weights = load_weights(d, "float64")
+    model = hf_model(d, "float64")
+    theirs = hf_greedy(model, ids, 12)
+    assert 1 in model.model.rotary_emb.chosen and 0 in model.model.rotary_emb.chosen  # both sets were used
+    assert greedy_by_prefill(weights, ids, 12) == theirs
+    # the cached path at the crossing step (position 64, the 65th token) is not transformers'
+    sequence = ids + theirs[:64 - len(ids)]  # 64 tokens: positions 0 .. 63, all short
+    _, cache = prefill(weights, sequence[:-1])
+    cached, _ = decode_step(weights, cache, sequence[-1], 63)  # still short: the same as a prefill
+    fresh, _ = prefill(weights, sequence)
+    assert float(np.abs(cached - fresh).max()) < 1e-9
+    nxt = theirs[64 - len(ids)]
+    crossing_cached, _ = decode_step(weights, prefill(weights, sequence)[1], nxt, 64)  # long q/k on short keys
+    crossing_fresh, _ = prefill(weights, sequence + [nxt])
+    assert float(np.abs(crossing_cached - crossing_fresh).max()) > 1e-3
+    model.model.rotary_emb.chosen.clear()
+    with torch.no_grad():
+        first = model(torch.tensor([sequence]), use_cache=True)
+        step = model(torch.tensor([[nxt]]), cache=first.cache, use_cache=True)
+    assert model.model.rotary_emb.chosen == [0, 1]  # the 64-token call short, the step at position 64 long
+    assert_logits_agree(crossing_cached, step.logits[0, -1].numpy(), "float64")

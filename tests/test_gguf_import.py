@@ -561,3 +561,211 @@ def test_smollm2_weights_match_transformers(smollm2_dir, smollm2_gguf):
         assert x.dtype == np.float32
         assert float(np.max(np.abs(x - theirs[name]))) == 0.0, name
     np.testing.assert_array_equal(theirs["lm_head.weight"], ours["model.embed_tokens.weight"])
+
+
+# ---------------------------------------------------------------------------
+# qwen3 and phi3: the committed tiny checkpoints written as llama.cpp's converter writes them
+# (conversion/qwen.py Qwen3Model, conversion/phi.py Phi3MiniModel), imported back
+# ---------------------------------------------------------------------------
+
+TINY_GGUF_NAMES = GGUF_NAMES | {
+    "self_attn.q_norm.weight": "attn_q_norm.weight",  # qwen3
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "self_attn.qkv_proj.weight": "attn_qkv.weight",  # phi3: q, k, v rows as HF stores them, no permutation
+    "mlp.gate_up_proj.weight": "ffn_up.weight",  # phi3: gate and up rows in one ffn_up, no ffn_gate
+}
+
+
+def tiny_gguf_name(hf_name: str) -> str:
+    if hf_name in TINY_GGUF_NAMES:
+        return TINY_GGUF_NAMES[hf_name]
+    _, _, i, rest = hf_name.split(".", 3)
+    return f"blk.{i}.{TINY_GGUF_NAMES[rest]}"
+
+
+def stored_tensors(model_dir: Path) -> dict[str, np.ndarray]:
+    """A checkpoint's tensors as stored (fused ones fused), widened to float32."""
+    from reference.io.safetensors import map_tensor, open_mapped, read_header
+
+    header = read_header(model_dir / "model.safetensors")
+    mapped = open_mapped(header)
+    return {name: np.array(map_tensor(header, name, mapped), dtype=np.float32) for name in header.tensors}
+
+
+def write_tiny_gguf(path: Path, model_dir: Path, qtype=gguf.GGMLQuantizationType.F32, change: dict | None = None,
+                    skip: frozenset = frozenset(), extra_tensors: dict | None = None) -> dict[str, np.ndarray]:
+    """``model_dir`` as llama.cpp's convert_hf_to_gguf.py writes a qwen3 / phi3 model; returns the HF tensors.
+
+    ``change`` overrides config values before writing (to make the file wrong); metadata the converter
+    derives (phi3's attn_factor) is computed from the changed values, as it would be.
+    """
+    import math
+
+    cfg = read_json(model_dir / "config.json") | (change or {})
+    arch = cfg["model_type"]
+    D, H = cfg["hidden_size"], cfg["num_attention_heads"]
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokens = [tok.id_to_token(i) for i in range(tok.get_vocab_size())]
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(D)
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(H)
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    if arch == "qwen3" and cfg.get("head_dim") is not None:  # TextModel.set_gguf_parameters
+        w.add_key_length(cfg["head_dim"])
+        w.add_value_length(cfg["head_dim"])
+    hf = stored_tensors(model_dir)
+    if arch == "phi3":  # Phi3MiniModel.set_gguf_parameters and generate_extra_tensors
+        original = cfg["original_max_position_embeddings"]
+        w.add_rope_scaling_orig_ctx_len(original)
+        w.add_rope_dimension_count(D // H)
+        w.add_sliding_window(cfg.get("sliding_window") or 0)
+        rope = cfg["rope_scaling"]
+        scale = cfg["max_position_embeddings"] / original
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 else 1.0)
+        extra_tensors = {"rope_factors_long.weight": np.array(rope["long_factor"], dtype=np.float32),
+                         "rope_factors_short.weight": np.array(rope["short_factor"], dtype=np.float32)} \
+            | (extra_tensors or {})
+    w.add_file_type(int(gguf.LlamaFileType.ALL_F32 if qtype == gguf.GGMLQuantizationType.F32
+                        else gguf.LlamaFileType.MOSTLY_Q8_0))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2" if arch == "qwen3" else "gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * (len(tokens) - 3))
+    w.add_token_merges([])  # none: llama.cpp's writer then writes no merges key at all
+    w.add_eos_token_id(2)
+    for hf_name, x in hf.items():
+        name = tiny_gguf_name(hf_name)
+        if name in skip:
+            continue
+        if x.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, x)
+    for name, x in (extra_tensors or {}).items():
+        if name not in skip:
+            w.add_tensor(name, x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return hf
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-phi3"])
+def test_tiny_qwen3_and_phi3_round_trip_through_gguf(tmp_path, name):
+    """Written as llama.cpp writes them, imported back: the same tensors, the same maths, logits equal (float64,
+    bit for bit) on both sides of Phi-3's original_max_position_embeddings."""
+    from reference.io.checkpoint import load_weights
+    from reference.model.transformer import prefill
+    from tests.conftest import CHECKPOINTS
+
+    src = CHECKPOINTS / name
+    hf = write_tiny_gguf(tmp_path / f"{name}.gguf", src)
+    out = import_gguf(tmp_path / f"{name}.gguf", tmp_path / "out", progress=False)
+    got = load_file(out / "model.safetensors")
+    assert set(got) == set(hf)  # phi3's fused tensors stay fused, as in an HF Phi-3 checkpoint
+    for tensor, x in hf.items():
+        np.testing.assert_array_equal(got[tensor], x, err_msg=tensor)
+    ours, theirs = load_weights(src, "float64"), load_weights(out, "float64")
+    assert theirs.config == dataclasses_replace_ids(ours.config, theirs.config)
+    for n in (40, 100):
+        ids = np.random.default_rng(n).integers(0, 259, n)
+        a, _ = prefill(ours, ids, all_logits=True)
+        b, _ = prefill(theirs, ids, all_logits=True)
+        assert float(np.abs(a - b).max()) == 0.0
+    tok, original = Tokenizer.from_file(str(out / "tokenizer.json")), Tokenizer.from_file(str(src / "tokenizer.json"))
+    text = "<|im_start|>user\nGrüße, 東京 123<|im_end|>"
+    assert tok.encode(text).ids == original.encode(text).ids
+
+
+def dataclasses_replace_ids(expected, got):
+    """`expected` with the token ids the GGUF carries (the tiny config has no bos_token_id; the file neither)."""
+    import dataclasses
+
+    return dataclasses.replace(expected, bos_token_id=got.bos_token_id)
+
+
+def test_phi3_gguf_config_is_hf_phi3(tmp_path):
+    from tests.conftest import CHECKPOINTS
+
+    write_tiny_gguf(tmp_path / "phi3.gguf", CHECKPOINTS / "tiny-phi3")
+    config = read_json(import_gguf(tmp_path / "phi3.gguf", tmp_path / "out", progress=False) / "config.json")
+    assert config["architectures"] == ["Phi3ForCausalLM"] and config["model_type"] == "phi3"
+    assert config["original_max_position_embeddings"] == 64 and config["sliding_window"] is None
+    assert config["attention_bias"] is False and config["tie_word_embeddings"] is False
+    assert config["rope_scaling"] == {"rope_type": "longrope", "short_factor": [1.0, 1.125, 1.25, 1.5],
+                                      "long_factor": [1.0, 2.0, 8.0, 24.0]}  # attn_factor: the formula's, left out
+
+
+def test_phi3_gguf_attention_factor_other_than_the_formula_is_kept(tmp_path):
+    from reference.model.config import load_config
+    from tests.conftest import CHECKPOINTS
+
+    src = tmp_path / "phi3.gguf"
+    write_tiny_gguf(src, CHECKPOINTS / "tiny-phi3")
+    reader_meta = {"phi3.rope.scaling.attn_factor": 1.25}
+    rewritten = tmp_path / "phi3b.gguf"
+    _copy_gguf_with(src, rewritten, reader_meta)
+    out = import_gguf(rewritten, tmp_path / "out", progress=False)
+    assert read_json(out / "config.json")["rope_scaling"]["attention_factor"] == 1.25
+    assert load_config(out).rope_scaling.attention_factor == 1.25
+
+
+def _copy_gguf_with(src: Path, dst: Path, values: dict) -> None:
+    """Copy a GGUF file, overriding float32 metadata values."""
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(dst, arch)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        if name in values:
+            w.add_float32(name, values[name])
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(name, field.contents(), vtype, sub_type=sub)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type, raw_shape=list(reversed(t.shape.tolist())))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_phi3_q8_0_fused_tensors_are_the_dequantized_values(tmp_path):
+    from tests.conftest import CHECKPOINTS
+
+    hf = write_tiny_gguf(tmp_path / "phi3.gguf", CHECKPOINTS / "tiny-phi3", qtype=gguf.GGMLQuantizationType.Q8_0)
+    got = load_file(import_gguf(tmp_path / "phi3.gguf", tmp_path / "out", progress=False) / "model.safetensors")
+    for name in ("model.layers.3.self_attn.qkv_proj.weight", "model.layers.3.mlp.gate_up_proj.weight"):
+        q = gguf.quants.quantize(hf[name], gguf.GGMLQuantizationType.Q8_0)
+        expected = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).reshape(hf[name].shape)
+        np.testing.assert_array_equal(got[name], expected, err_msg=name)
+        assert 0.0 < float(np.abs(got[name] - hf[name]).max()) < 0.05
+
+
+@pytest.mark.parametrize("name, kw, message", [
+    ("tiny-phi3", dict(extra_tensors={"rope_factors_short.weight": np.ones(3, np.float32)}),
+     "short_factor has 3 entries"),
+    ("tiny-phi3", dict(extra_tensors={"rope_factors_long.weight": np.array([1, 0, 1, 1], np.float32)}),
+     "non-positive"),
+    ("tiny-phi3", dict(skip=frozenset({"rope_factors_short.weight"})), "rope_factors_short.weight"),
+    ("tiny-phi3", dict(extra_tensors={"blk.0.ffn_gate.weight": np.zeros((64, 32), np.float32)}), "blk.0.ffn_gate.weight"),
+    ("tiny-phi3", dict(skip=frozenset({"blk.2.attn_qkv.weight"})), r"blk\.2\.attn_qkv\.weight"),
+    ("tiny-qwen3", dict(extra_tensors={"rope_factors_long.weight": np.ones(8, np.float32)}), "phi3 only"),
+    ("tiny-qwen3", dict(skip=frozenset({"blk.5.attn_k_norm.weight"})), r"blk\.5\.attn_k_norm\.weight"),
+    ("tiny-qwen3", dict(change={"head_dim": 8}), r"blk\.0\.attn_k_norm\.weight has HF shape \(16,\), expected \(8,\)"),
+])
+def test_bad_qwen3_and_phi3_files_are_refused_by_name(tmp_path, name, kw, message):
+    from tests.conftest import CHECKPOINTS
+
+    write_tiny_gguf(tmp_path / "m.gguf", CHECKPOINTS / name, **kw)
+    with pytest.raises(OracleError, match=message):
+        import_gguf(tmp_path / "m.gguf", tmp_path / "out", progress=False)
+    assert no_partial_output(tmp_path)

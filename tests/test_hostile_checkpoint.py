@@ -200,7 +200,63 @@ CONFIG_CASES = [
     ("hidden-act-gelu", "tiny-llama", {"hidden_act": "gelu"}, "hidden_act"),
     ("missing-vocab-size", "tiny-llama", lambda c: {k: v for k, v in c.items() if k != "vocab_size"}, "vocab_size"),
     ("config-not-object", "tiny-llama", lambda c: [c], "expected a JSON object"),
+    # Qwen3
+    ("qwen3-head-dim-inconsistent", "tiny-qwen3", {"head_dim": 8}, "num_attention_heads × head_dim = 4 × 8"),
+    ("qwen3-head-dim-absent-means-128", "tiny-qwen3", lambda c: {k: v for k, v in c.items() if k != "head_dim"},
+     "head_dim = 4 × 128"),
+    ("qwen3-head-dim-null", "tiny-qwen3", {"head_dim": None}, "head_dim is null"),
+    ("qwen3-sliding-window-on", "tiny-qwen3", {"use_sliding_window": True, "sliding_window": 64},
+     "use_sliding_window is true"),
+    ("qwen3-sliding-layer", "tiny-qwen3", {"layer_types": ["full_attention"] * 23 + ["sliding_attention"]},
+     "layer_types[23]"),
+    ("qwen3-layer-types-short", "tiny-qwen3", {"layer_types": ["full_attention"] * 3}, "layer_types has 3 entries"),
+    ("qwen3-layer-types-string", "tiny-qwen3", {"layer_types": "full_attention"}, "layer_types must be"),
+    ("qwen3-as-llama", "tiny-qwen3", {"model_type": "llama"}, "is model_type \"qwen3\" meant"),
+    ("qwen3-attention-bias-without-biases", "tiny-qwen3", {"attention_bias": True}, "attention_bias"),
+    ("partial-rotary", "tiny-qwen3", {"partial_rotary_factor": 0.5}, "partial_rotary_factor is 0.5"),
+    # Phi-3 and LongRoPE
+    ("phi3-short-factor-length", "tiny-phi3", lambda c: _rope(c, short_factor=[1.0, 1.0, 1.0]),
+     "rope_scaling.short_factor has 3 entries, but longrope needs head_dim / 2 = 4"),
+    ("phi3-long-factor-length", "tiny-phi3", lambda c: _rope(c, long_factor=[1.0] * 8), "rope_scaling.long_factor has 8"),
+    ("phi3-long-factor-zero", "tiny-phi3", lambda c: _rope(c, long_factor=[1.0, 0.0, 8.0, 24.0]),
+     "rope_scaling.long_factor[1] must be a positive finite number"),
+    ("phi3-short-factor-negative", "tiny-phi3", lambda c: _rope(c, short_factor=[1.0, 1.0, -1.0, 1.0]),
+     "rope_scaling.short_factor[2]"),
+    ("phi3-short-factor-string", "tiny-phi3", lambda c: _rope(c, short_factor=[1.0, "1", 1.0, 1.0]),
+     "rope_scaling.short_factor[1]"),
+    ("phi3-short-factor-bool", "tiny-phi3", lambda c: _rope(c, short_factor=[True, 1.0, 1.0, 1.0]),
+     "rope_scaling.short_factor[0]"),
+    ("phi3-short-factor-tiny", "tiny-phi3", lambda c: _rope(c, short_factor=[5e-324, 1.0, 1.0, 1.0]), "overflows"),
+    ("phi3-long-factor-missing", "tiny-phi3", lambda c: _rope(c, long_factor=None), "needs rope_scaling.long_factor"),
+    ("phi3-factor-list-not-list", "tiny-phi3", lambda c: _rope(c, short_factor=1.0), "rope_scaling.short_factor must be"),
+    ("phi3-attention-factor-zero", "tiny-phi3", lambda c: _rope(c, attention_factor=0), "rope_scaling.attention_factor"),
+    ("phi3-original-max-disagrees", "tiny-phi3", lambda c: _rope(c, original_max_position_embeddings=128),
+     "rope_scaling.original_max_position_embeddings is 128"),
+    ("phi3-original-max-only-inside", "tiny-phi3",
+     lambda c: _rope({k: v for k, v in c.items() if k != "original_max_position_embeddings"},
+                     original_max_position_embeddings=64), "transformers' Phi3Config default"),
+    ("phi3-original-max-one", "tiny-phi3", {"original_max_position_embeddings": 1}, "divides by its logarithm"),
+    ("phi3-original-max-float", "tiny-phi3", {"original_max_position_embeddings": 64.0},
+     "original_max_position_embeddings must be"),
+    ("phi3-rope-yarn", "tiny-phi3", lambda c: _rope(c, type="yarn"), "'yarn' on phi3 is ambiguous"),
+    ("phi3-rope-llama3", "tiny-phi3", {"rope_scaling": LLAMA3}, "not supported for phi3"),
+    ("longrope-on-llama", "tiny-llama", {"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 4,
+                                                          "long_factor": [2.0] * 4}}, "phi3 only"),
+    ("phi3-partial-rotary-in-rope", "tiny-phi3", lambda c: _rope(c, partial_rotary_factor=0.75),
+     "rope_scaling.partial_rotary_factor is 0.75"),
+    ("phi3-head-dim-not-d-over-h", "tiny-phi3", {"head_dim": 16}, "phi3's must be hidden_size // num_attention_heads"),
+    ("phi3-attention-bias", "tiny-phi3", {"attention_bias": True}, "phi3 has no attention biases"),
+    ("phi3-heads-wrong", "tiny-phi3", {"num_key_value_heads": 4}, "self_attn.qkv_proj.weight"),
+    ("phi3-intermediate-wrong", "tiny-phi3", {"intermediate_size": 48}, "2 × intermediate_size"),
+    ("phi3-as-llama", "tiny-phi3", {"model_type": "llama", "rope_scaling": None}, "is model_type \"phi3\" meant"),
+    ("llama-as-phi3", "tiny-llama", {"model_type": "phi3", "rope_scaling": None}, "qkv_proj"),
 ]
+
+
+def _rope(config: dict, **change) -> dict:
+    """config.json with its rope_scaling changed (None removes a key)."""
+    rope = {k: v for k, v in (config["rope_scaling"] | change).items() if v is not None}
+    return config | {"rope_scaling": rope}
 
 
 @pytest.mark.parametrize("base, change, needle", [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES])
@@ -421,6 +477,60 @@ def test_unused_tensor_is_refused_by_name(tmp_path):
     assert_one_line_error(run_asl(d, tmp_path), "model.layers.3.mlp.up_proj.bias", "mlp_bias")
 
 
+def _retensor(d: Path, change, dtype: str) -> None:
+    """Rewrite a single-file checkpoint's tensors: `change(tensors)` edits the dict of arrays in place."""
+    header = read_header(d / "model.safetensors")
+    mapped = open_mapped(header)
+    tensors = {n: np.array(map_tensor(header, n, mapped)) for n in header.tensors}
+    del mapped
+    change(tensors)
+    save(tensors, d / "model.safetensors", dtype)
+
+
+@pytest.mark.parametrize("name, rows, needle", [
+    ("model.layers.5.self_attn.qkv_proj.weight", 65, "(4 + 2 × 2) × 8 = 64, the rows of q, k and v"),
+    ("model.layers.5.self_attn.qkv_proj.weight", 48, "fix num_attention_heads, num_key_value_heads or head_dim"),
+    ("model.layers.7.mlp.gate_up_proj.weight", 64, "2 × intermediate_size = 2 × 64 = 128, the rows of gate and up"),
+])
+def test_fused_tensor_of_the_wrong_size_is_named(tmp_path, name, rows, needle):
+    """Phi-3's fused tensors are checked whole, against the sum of their parts, before anything is split."""
+    d = copy_checkpoint(tmp_path, "tiny-phi3")
+    _retensor(d, lambda t: t.update({name: np.zeros((rows, 32), np.float32)}), "BF16")
+    line = assert_one_line_error(run_asl(d, tmp_path), name, needle)
+    assert str(d / "model.safetensors") in line and "config.json" in line
+
+
+def test_qwen3_q_norm_of_the_wrong_size_is_named(tmp_path):
+    d = copy_checkpoint(tmp_path, "tiny-qwen3")
+    name = "model.layers.2.self_attn.k_norm.weight"
+    _retensor(d, lambda t: t.update({name: np.ones(8, np.float32)}), "BF16")
+    assert_one_line_error(run_asl(d, tmp_path), name, "head_dim = 16")
+
+
+def test_qwen3_without_q_norm_is_refused_by_name(tmp_path):
+    d = copy_checkpoint(tmp_path, "tiny-qwen3")
+    _retensor(d, lambda t: [t.pop(n) for n in list(t) if n.endswith("q_norm.weight")], "BF16")
+    assert_one_line_error(run_asl(d, tmp_path), "model.layers.0.self_attn.q_norm.weight", "not a Qwen3 checkpoint")
+
+
+@pytest.mark.parametrize("where, value, needle", [
+    (("rope_scaling", "long_factor", 2), float("nan"), "rope_scaling.long_factor[2] holds NaN"),
+    (("rms_norm_eps",), float("inf"), "rms_norm_eps holds Infinity"),
+    (("rope_theta",), float("-inf"), "rope_theta holds -Infinity"),
+])
+def test_non_finite_value_written_by_python_json_is_named(tmp_path, where, value, needle):
+    """Python's json.dump writes NaN / Infinity (and transformers reads them back); the message names the key."""
+    d = copy_checkpoint(tmp_path, "tiny-phi3")
+    config = json.loads((d / "config.json").read_text())
+    target = config
+    for key in where[:-1]:
+        target = target[key]
+    target[where[-1]] = value
+    (d / "config.json").write_text(json.dumps(config))  # allow_nan=True, Python's default
+    line = assert_one_line_error(run_asl(d, tmp_path), needle, "config.json")
+    assert "not valid JSON" in line
+
+
 # ---------------------------------------------------------------- legitimate variants still run
 
 LEGIT_CASES = [
@@ -439,6 +549,20 @@ LEGIT_CASES = [
     ("mistral-sliding-window", "tiny-llama", {"model_type": "mistral", "rope_scaling": None, "sliding_window": 4096}),
     ("eos-list", "tiny-llama", {"eos_token_id": [2, 0]}),
     ("eos-null-bos-set", "tiny-llama", {"eos_token_id": None, "bos_token_id": 1}),
+    ("tiny-qwen3-as-is", "tiny-qwen3", {}),
+    ("tiny-phi3-as-is", "tiny-phi3", {}),
+    ("qwen3-layer-types-full", "tiny-qwen3", {"layer_types": ["full_attention"] * 24}),
+    ("qwen3-rope-parameters-v5", "tiny-qwen3", lambda c: {k: v for k, v in c.items() if k != "rope_theta"}
+     | {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}),
+    ("phi3-rope-su", "tiny-phi3", lambda c: _rope(c, type="su")),
+    ("phi3-rope-parameters-v5", "tiny-phi3", lambda c: {k: v for k, v in c.items() if k not in ("rope_scaling",)}
+     | {"rope_parameters": {k: v for k, v in c["rope_scaling"].items() if k != "type"}
+        | {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
+           "original_max_position_embeddings": 64}}),
+    ("phi3-head-dim-explicit", "tiny-phi3", {"head_dim": 8}),
+    ("phi3-sliding-window", "tiny-phi3", {"sliding_window": 2047}),
+    ("phi3-no-rope-scaling", "tiny-phi3", {"rope_scaling": None}),
+    ("phi3-explicit-factors", "tiny-phi3", lambda c: _rope(c, factor=32.0, attention_factor=1.19)),
     ("unknown-keys", "tiny-qwen2", {"torch_dtype": "bfloat16", "transformers_version": "4.45.0",
                                     "quantization_config": {"deep": [[[{"x": None}]]]}, "pad_token_id": None,
                                     "max_window_layers": 21, "use_cache": True, "initializer_range": 0.02}),
@@ -497,9 +621,12 @@ def test_hugging_face_hub_cache_layout_still_loads(tmp_path):
 TOP_KEYS = ["model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
             "max_position_embeddings", "tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window",
-            "sliding_window", "hidden_act", "bos_token_id", "eos_token_id", "rope_scaling", "rope_parameters"]
+            "sliding_window", "hidden_act", "bos_token_id", "eos_token_id", "rope_scaling", "rope_parameters",
+            "original_max_position_embeddings", "partial_rotary_factor", "layer_types"]
 ROPE_KEYS = ["rope_type", "type", "factor", "low_freq_factor", "high_freq_factor",
-             "original_max_position_embeddings", "rope_theta"]
+             "original_max_position_embeddings", "rope_theta", "short_factor", "long_factor", "attention_factor",
+             "partial_rotary_factor"]
+BASE_PHI3 = json.loads((CHECKPOINTS / "tiny-phi3" / "config.json").read_text())
 
 hostile_values = st.one_of(
     st.none(), st.booleans(),
@@ -508,8 +635,12 @@ hostile_values = st.one_of(
     st.text(max_size=4), st.sampled_from(["llama", "qwen2", "mistral", "silu", "linear", "llama3", "default", "false"]),
     st.lists(st.integers(-2, 300), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
 )
+factor_lists = st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2, 5), st.booleans(),
+                                   st.sampled_from([5e-324, 1e-300, 1.0, 24.0, 1e308])), min_size=3, max_size=5)
 rope_values = st.one_of(hostile_values, st.fixed_dictionaries(
-    {}, optional={k: hostile_values for k in ROPE_KEYS} | {"rope_type": st.sampled_from(["linear", "llama3", "default"])}
+    {}, optional={k: hostile_values for k in ROPE_KEYS}
+    | {"rope_type": st.sampled_from(["linear", "llama3", "default", "longrope", "su", "yarn"]),
+       "short_factor": st.one_of(hostile_values, factor_lists), "long_factor": st.one_of(hostile_values, factor_lists)}
 ))
 DELETE = object()
 
@@ -522,6 +653,32 @@ def test_parse_config_never_raises_anything_but_oracle_error(changes, rope, rope
     raw = dict(BASE, model_type=model_type)
     if rope is not None:
         raw[rope_key] = rope
+    for key, value in changes.items():
+        if value is DELETE:
+            raw.pop(key, None)
+        else:
+            raw[key] = value
+    try:
+        cfg = parse_config(raw, "hostile/config.json")
+    except OracleError as e:
+        message = str(e)
+        assert message.startswith("hostile/config.json: ") and "\n" not in message
+        return
+    _assert_sane(cfg)
+
+
+@settings(max_examples=fuzz_examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(TOP_KEYS), st.one_of(hostile_values, st.just(DELETE)), max_size=2),
+       st.dictionaries(st.sampled_from(ROPE_KEYS), st.one_of(hostile_values, factor_lists, st.just(DELETE)),
+                       min_size=1, max_size=3))
+def test_parse_phi3_longrope_never_raises_anything_but_oracle_error(changes, rope_changes):
+    """tiny-phi3's config.json with its LongRoPE keys (and others) made hostile."""
+    raw = dict(BASE_PHI3, rope_scaling=dict(BASE_PHI3["rope_scaling"]))
+    for key, value in rope_changes.items():
+        if value is DELETE:
+            raw["rope_scaling"].pop(key, None)
+        else:
+            raw["rope_scaling"][key] = value
     for key, value in changes.items():
         if value is DELETE:
             raw.pop(key, None)
@@ -556,11 +713,19 @@ def _assert_sane(cfg: Config) -> None:
     for token in cfg.eos_token_ids + ((cfg.bos_token_id,) if cfg.bos_token_id is not None else ()):
         assert _is_int(token) and 0 <= token < cfg.vocab_size
     rs = cfg.rope_scaling
-    assert rs.rope_type in ("default", "linear", "llama3")
-    assert math.isfinite(rs.factor) and rs.factor >= 1 or rs.rope_type == "default"
+    assert rs.rope_type in ("default", "linear", "llama3", "longrope")
+    assert rs.rope_type != "longrope" or cfg.model_type == "phi3"
+    assert math.isfinite(rs.factor) and rs.factor >= 1 or rs.rope_type in ("default", "longrope")
+    if rs.rope_type in ("llama3", "longrope"):
+        assert _is_int(rs.original_max_position_embeddings) and rs.original_max_position_embeddings > 0
     if rs.rope_type == "llama3":
         assert 0 < rs.low_freq_factor < rs.high_freq_factor and math.isfinite(rs.high_freq_factor)
-        assert _is_int(rs.original_max_position_embeddings) and rs.original_max_position_embeddings > 0
+    if rs.rope_type == "longrope":
+        assert math.isfinite(rs.factor) and rs.factor > 0
+        assert isinstance(rs.attention_factor, float) and math.isfinite(rs.attention_factor) and rs.attention_factor > 0
+        for factors in (rs.short_factor, rs.long_factor):
+            assert len(factors) == cfg.head_dim // 2
+            assert all(isinstance(f, float) and math.isfinite(f) and f > 0 for f in factors)
     if cfg.head_dim <= 4096:  # the rotary tables of every accepted config are finite
         import warnings
 
@@ -568,9 +733,11 @@ def _assert_sane(cfg: Config) -> None:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # 2π / 0 for frequencies below float range
-            inv = inverse_frequencies(cfg)
-            cos, sin = rope_tables(cfg, np.array([0, 1, min(cfg.max_position_embeddings, 2**40) - 1]), np.float64)
-        assert np.isfinite(inv).all() and np.isfinite(cos).all() and np.isfinite(sin).all()
+            for long in (False, True):
+                assert np.isfinite(inverse_frequencies(cfg, long)).all()
+            for positions in ([0, 1], [0, 1, min(cfg.max_position_embeddings, 2**40) - 1]):  # short, long (LongRoPE)
+                cos, sin = rope_tables(cfg, np.array(positions), np.float64)
+                assert np.isfinite(cos).all() and np.isfinite(sin).all()
 
 
 positive_floats = st.floats(min_value=5e-324, max_value=1.7976931348623157e308, allow_nan=False, allow_infinity=False)

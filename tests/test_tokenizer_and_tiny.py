@@ -1,11 +1,24 @@
-"""Tiny checkpoints: reproducible from their generator, small, shaped for ASL; their tokenizer and template."""
+"""Tiny checkpoints (all four): reproducible from their generator, small, shaped for ASL; their tokenizer and
+template."""
 
 import numpy as np
+import pytest
 
 from reference.io import tiny
+from reference.io.fetch import TINY_ALIASES
 from reference.io.tokenizer import encode_chat, load_tokenizer, render_chat
 from reference.model.config import load_config
 from tests.conftest import CHECKPOINTS
+
+
+@pytest.fixture(params=list(tiny.FAMILIES))
+def tiny_dir(request):
+    """Every committed tiny checkpoint (conftest's fixture covers the two the goldens use)."""
+    return CHECKPOINTS / request.param
+
+
+def test_every_generated_checkpoint_is_an_alias():
+    assert list(tiny.FAMILIES) == list(TINY_ALIASES)
 
 
 def test_generator_reproduces_the_committed_checkpoints_byte_for_byte():
@@ -36,11 +49,11 @@ def test_chat_template_renders_chatml(tiny_dir):
     assert ids[0] == tok.token_id("<|im_start|>") == 1 and ids.count(2) == 1
 
 
-def test_shared_attention_base_makes_deep_layers_alike():
+def test_shared_attention_base_makes_deep_layers_alike(tiny_dir):
     """The generator's design: q/k noise shrinks with depth, so deep layers' q projections converge."""
     from reference.io.checkpoint import load_weights
 
-    w = load_weights(CHECKPOINTS / "tiny-llama")
+    w = load_weights(tiny_dir)
     shallow = np.linalg.norm(w.layers[1].wq - w.layers[2].wq)
     deep = np.linalg.norm(w.layers[21].wq - w.layers[22].wq)
     assert deep < 0.3 * shallow

