@@ -192,6 +192,9 @@ def bundle_for(model: str, spec: dict, work: Path) -> Path:
     return path
 
 
+NEAR_TIE = "PASS-within-tolerance"
+
+
 def classify(result) -> dict:
     f = next((x for x in result.findings if x.verdict == "FAIL"), None) or next(
         (x for x in result.findings if x.verdict != "NOTE"), None)
@@ -264,7 +267,10 @@ def main(argv=None) -> int:
         for r in results:
             got = classify(r)
             want = expected.get(f"{r.case}@{dtype}")
-            match = want is not None and want["verdict"] == got["verdict"] and want.get("field") == got["field"]
+            match = want is not None and ((want["verdict"] == got["verdict"] and want.get("field") == got["field"])
+                                          or (want["verdict"] == NEAR_TIE and got["verdict"] == "PASS"))
+            # a documented near-tie (float32 kvpress against float64 scores ~1e-6 from a boundary) may also fall
+            # the oracle's way: torch's float32 sums vary with its thread count and the machine's load
             ok &= match
             mark = "" if match else f"   <-- documented: {want['verdict'] + ' ' + str(want.get('field')) if want else 'nothing'}"
             rows.append((label, r.case.removeprefix(f"{model}-"), got["verdict"], got["detail"] + mark, match))
