@@ -274,7 +274,7 @@ def load_trace_arrays(path: Path, doc: dict) -> dict | None:
 
 def cmd_golden(args) -> int:
     cases = default_cases(args.model) if args.cases == "default" else read_cases(Path(args.cases), args.model)
-    out = write_bundle(args.model, cases, Path(args.out), args.dtype, prompt=passkey_ids)
+    out = write_bundle(args.model, cases, Path(args.out), args.dtype, prompt=passkey_ids, share=not args.no_share)
     print(f"{len(cases)} cases written to {out}")
     print(out)
     return 0
@@ -316,7 +316,8 @@ def _csv(text: str, kind=str) -> list:
 def cmd_eval(args) -> int:
     tasks = list(TASKS) if args.tasks == "all" else _csv(args.tasks)
     path = run_eval(args.model, tasks, _csv(args.lengths, int), args.samples, _csv(args.methods), _params(args),
-                    Path(args.out), args.backend, args.max_new_tokens, load=load_model)
+                    Path(args.out), args.backend, args.max_new_tokens, load=load_model,
+                    share=not args.no_share)
     print(path)
     return 0
 
@@ -462,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "or a JSON file of cases")
     gb.add_argument("--out", required=True, help="bundle directory")
     gb.add_argument("--dtype", choices=["float32", "float64"], default="float64", help="the oracle's dtype (default float64)")
+    gb.add_argument("--no-share", action="store_true",
+                    help="run every case from scratch (default: cases with the same prompt compute the layers they "
+                         "share once; the traces are the same either way)")
     gb.set_defaults(func=cmd_golden)
 
     ck = sub.add_parser("check", help="check a candidate's traces against a golden bundle",
@@ -515,6 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(which count the original models' tokens)")
     ev.add_argument("--backend", choices=["numpy", "cupy"], default=None, help="run on the port instead of the reference")
     ev.add_argument("--out", required=True, help="results directory")
+    ev.add_argument("--no-share", action="store_true",
+                    help="run every method's prefill from scratch (default: a sample's methods compute the layers they "
+                         "share once, within a memory bound of half the available memory; the rows are the same "
+                         "either way; docs/evaluation.md)")
     _add_method_params(ev, with_method=False)
     ev.set_defaults(func=cmd_eval)
 

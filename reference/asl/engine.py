@@ -49,6 +49,9 @@ class Engine(Protocol):
       second decode from the same old cache would overwrite the port's shared slot.
     - `positions(cache)` -> per KV head, the cached positions (host int64); `select_rows(x, rows)`;
       `all_finite(x)` -> bool.
+    - optional, `copy_cache(cache)` -> a cache a second owner may take over (compress, decode) without changing
+      this one: what `reference.asl.sharing.SharedPrefill` hands each method of a remembered layer. An engine
+      without it is not shared (the methods run on it as they are).
     """
 
     config: Config
@@ -91,7 +94,7 @@ class ReferenceEngine:
         return x, cache, q[:, -q_rows:]
 
     def head_scores(self, q_window: np.ndarray, cache: LayerCache, kernel: int, pooling: str) -> np.ndarray:
-        """p[h, j] of SPEC section 1, steps 1-4, from the last w queries (H, w, hd). (H, n-w)."""
+        """p[h, j] of docs/semantics.md §1, steps 1-3, from the last w queries (H, w, hd). (H, n-w)."""
         return pooled_head_scores(q_window, cached_keys(cache), self.config.group_size, kernel, pooling)
 
     def gemfilter_scores(self, i: int, x: np.ndarray, positions: np.ndarray, kernel: int) -> np.ndarray:
@@ -111,6 +114,11 @@ class ReferenceEngine:
 
     def positions(self, cache: LayerCache) -> list[np.ndarray]:
         return [h.pos for h in cache]
+
+    def copy_cache(self, cache: LayerCache) -> LayerCache:
+        """The cache itself: the reference never writes a cache in place (compress and decode build new ones),
+        so every method may hold the same one."""
+        return cache
 
     def all_finite(self, x: np.ndarray) -> bool:
         """Every row's Σ x² is finite: no inf or NaN in x, and no value whose square overflows the next RMSNorm

@@ -3,7 +3,9 @@
     asl eval --model smollm2 --tasks niah_single,passkey --lengths 512,1024 --samples 5 \
              --methods full,fastkv,asl --select-k 256 --out results/
 
-Every method sees the same prompts (a sample's seed is its index). Each
+Every method sees the same prompts (a sample's seed is its index), and a
+sample's methods run on one `SharedPrefill` (reference/asl/sharing.py): the
+layers they all start with are computed once, the rows are the same. Each
 finished (task, length, sample, method) is appended to OUT/results.jsonl and
 flushed at once, so a killed run loses at most the sample in flight, and a
 rerun with the same settings skips what is done. OUT/settings.json pins the
@@ -31,13 +33,16 @@ import json
 import math
 import os
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from reference.asl.engine import as_engine
 from reference.asl.generate import generate
 from reference.asl.methods import NEVER_FIRED
 from reference.asl.params import METHOD, METHODS, Params, check_params
+from reference.asl.sharing import SharedPrefill
 from reference.errors import OracleError
 from reference.eval.tasks import (
     MAX_ANSWER_TOKENS,
@@ -261,11 +266,14 @@ def _read_settings(out: Path, settings: dict) -> bool:
 
 def run_eval(model: str, tasks: list[str], lengths: list[int], samples: int, methods: list[str], params: Params,
              out: Path, backend: str | None = None, max_new_tokens: int | None = None, progress: bool = True,
-             load=None) -> Path:
+             load=None, share: bool = True) -> Path:
     """Run (or resume) an evaluation into `out`; returns the results file.
 
     Everything is checked before anything is written: the arguments, settings.json against these settings,
-    and every line of results.jsonl."""
+    and every line of results.jsonl. With `share` (the default) a sample's methods run on one
+    `SharedPrefill`: the layers they share are computed once, the rows are the same. A row's prefill_seconds
+    stays the method's own prefill time: the time it spent plus the time the layers it was served took when
+    they ran (so `asl report`'s time vs full means what it meant without sharing)."""
     from tqdm import tqdm
 
 
@@ -312,6 +320,8 @@ def run_eval(model: str, tasks: list[str], lengths: list[int], samples: int, met
     todo = [(t, n, i) for t in tasks for n in lengths for i in range(samples)]
     bar = tqdm(total=len(todo) * len(methods), initial=len(done), desc="eval", unit="run", disable=not progress,
                file=sys.stderr)
+    shared = SharedPrefill(as_engine(engine or weights)) if share else None
+    run_on = shared if shared is not None else engine or weights
     with open(out / RESULTS, "a") as results:
         for task, length, i in todo:
             pending = [m for m in methods if (task, length, i, m) not in done]
@@ -319,29 +329,34 @@ def run_eval(model: str, tasks: list[str], lengths: list[int], samples: int, met
                 continue
             sample = make_sample(task, tok, length, seed=i)  # the same prompt for every method
             limit = sample.max_answer_tokens if max_new_tokens is None else max_new_tokens
-            for method in pending:
-                gen = generate(engine or weights, sample.ids, limit, eos, method=method,
-                               params=method_params(method, params))
-                trace, _ = make_trace(gen, model_name=model, model_sha256="", config=cfg, dtype="float32")
-                prediction = tok.decode(gen.generated_ids)
-                row = {"task": task, "length": length, "sample": i, "seed": sample.seed, "method": method,
-                       "n_tokens": len(sample.ids), "depth": sample.depth, "prediction": prediction,
-                       "answers": sample.answers, "score": score(task, prediction, sample.answers),
-                       "select_layer": trace["select_layer"],
-                       # False where ASL's criterion never fired (two-pass ASL still reports L-1, its fallback)
-                       "fired": trace["select_layer"] is not None and not any(n.startswith(NEVER_FIRED)
-                                                                               for n in trace["notes"]),
-                       "kept_tokens": None if trace["kept_positions"] is None else len(trace["kept_positions"]),
-                       "kv_bytes": trace["totals"]["kv_bytes"], "kv_fraction": trace["totals"]["kv_fraction"],
-                       "prefill_flops_fraction": trace["totals"]["prefill_flops"] / trace["totals"]["prefill_flops_full"],
-                       "prefill_seconds": gen.prefill_seconds, "decode_seconds": gen.decode_seconds}
-                wrong = check_row(row)
-                if wrong:  # a row that a rerun would refuse is not written
-                    raise OracleError(f"task {task}, length {length}, sample {i}, method {method}: the run's row "
-                                      f"{wrong}; not written")
-                results.write(json.dumps(row) + "\n")
-                results.flush()
-                os.fsync(results.fileno())
-                bar.update(1)
+            with shared.sharing(sample.ids) if shared is not None else nullcontext():  # shared layers: once
+                for method in pending:
+                    reused = shared.reused_seconds if shared is not None else 0.0
+                    gen = generate(run_on, sample.ids, limit, eos, method=method,
+                                   params=method_params(method, params))
+                    if shared is not None:  # the method's own prefill time: with the layers it was served
+                        gen.prefill_seconds += shared.reused_seconds - reused
+                    trace, _ = make_trace(gen, model_name=model, model_sha256="", config=cfg, dtype="float32")
+                    prediction = tok.decode(gen.generated_ids)
+                    row = {"task": task, "length": length, "sample": i, "seed": sample.seed, "method": method,
+                           "n_tokens": len(sample.ids), "depth": sample.depth, "prediction": prediction,
+                           "answers": sample.answers, "score": score(task, prediction, sample.answers),
+                           "select_layer": trace["select_layer"],
+                           # False where ASL's criterion never fired (two-pass ASL still reports L-1, its fallback)
+                           "fired": trace["select_layer"] is not None and not any(n.startswith(NEVER_FIRED)
+                                                                                   for n in trace["notes"]),
+                           "kept_tokens": None if trace["kept_positions"] is None else len(trace["kept_positions"]),
+                           "kv_bytes": trace["totals"]["kv_bytes"], "kv_fraction": trace["totals"]["kv_fraction"],
+                           "prefill_flops_fraction":
+                               trace["totals"]["prefill_flops"] / trace["totals"]["prefill_flops_full"],
+                           "prefill_seconds": gen.prefill_seconds, "decode_seconds": gen.decode_seconds}
+                    wrong = check_row(row)
+                    if wrong:  # a row that a rerun would refuse is not written
+                        raise OracleError(f"task {task}, length {length}, sample {i}, method {method}: the run's row "
+                                          f"{wrong}; not written")
+                    results.write(json.dumps(row) + "\n")
+                    results.flush()
+                    os.fsync(results.fileno())
+                    bar.update(1)
     bar.close()
     return out / RESULTS

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reference.asl.engine import ReferenceEngine
 from reference.asl.generate import generate
 from reference.asl.params import METHODS, SMOLLM2_PARAMS, Params, check_params
+from reference.asl.sharing import SharedPrefill
 from reference.errors import OracleError
 from reference.io.atomic import atomic_write
 from reference.io.checkpoint import eos_token_ids, load_weights
@@ -125,8 +128,10 @@ def read_cases(path: Path, model: str):
     return cases
 
 
-def write_bundle(model: str, cases, out: Path, dtype: str = "float64", progress: bool = True, prompt=None) -> Path:
-    """Run every case on the reference and write the bundle into `out`."""
+def write_bundle(model: str, cases, out: Path, dtype: str = "float64", progress: bool = True, prompt=None,
+                 share: bool = True) -> Path:
+    """Run every case on the reference and write the bundle into `out`. Cases with the same prompt run one after
+    another on one `SharedPrefill` (with `share`): the layers they share are computed once, the traces are the same."""
     from tqdm import tqdm
 
 
@@ -142,16 +147,26 @@ def write_bundle(model: str, cases, out: Path, dtype: str = "float64", progress:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OracleError(f"--out {out}: cannot create the bundle directory ({e.strerror or e})") from None
-    for case in tqdm(cases, desc="golden bundle", unit="case", disable=not progress, file=sys.stderr):
-        params = params_of[case.name]
+    by_prompt: dict[tuple, list] = {}  # prompt -> its cases, in the order of the first case of each prompt
+    for case in cases:
         ids = prompt_for(case, model_dir, prompt)
-        gen = generate(weights, ids, case.max_new_tokens, eos, method=case.method, params=params)
-        trace, arrays = make_trace(gen, model_name=model, model_sha256=sha, config=weights.config, dtype=dtype)
-        save_trace(trace, arrays, out / f"{case.name}.trace.json", with_arrays=True)
-        inputs = {"case": case.name, "model": {"name": model, "sha256": sha}, "prompt_ids": [int(i) for i in ids],
-                  "method": case.method, "params": params.to_dict(case.method), "max_new_tokens": case.max_new_tokens,
-                  "eos_token_ids": list(eos), "dtype": dtype}
-        atomic_write(out / f"{case.name}.inputs.json", json.dumps(inputs, indent=1) + "\n")
+        by_prompt.setdefault(tuple(int(i) for i in ids), []).append(case)
+    shared = SharedPrefill(ReferenceEngine(weights)) if share else None
+    run_on = shared if shared is not None else weights
+    bar = tqdm(total=len(cases), desc="golden bundle", unit="case", disable=not progress, file=sys.stderr)
+    for ids, group in by_prompt.items():
+        with shared.sharing(ids) if shared is not None else nullcontext():
+            for case in group:
+                params = params_of[case.name]
+                gen = generate(run_on, list(ids), case.max_new_tokens, eos, method=case.method, params=params)
+                trace, arrays = make_trace(gen, model_name=model, model_sha256=sha, config=weights.config, dtype=dtype)
+                save_trace(trace, arrays, out / f"{case.name}.trace.json", with_arrays=True)
+                inputs = {"case": case.name, "model": {"name": model, "sha256": sha}, "prompt_ids": list(ids),
+                          "method": case.method, "params": params.to_dict(case.method),
+                          "max_new_tokens": case.max_new_tokens, "eos_token_ids": list(eos), "dtype": dtype}
+                atomic_write(out / f"{case.name}.inputs.json", json.dumps(inputs, indent=1) + "\n")
+                bar.update(1)
+    bar.close()
     manifest = {"bundle_version": BUNDLE_VERSION, "cases": [c.name for c in cases],
                 "model": {"name": model, "sha256": sha}, "dtype": dtype,
                 "tolerance_policy": "docs/conformance.md (reference/oracle/conformance.py)"}
