@@ -270,7 +270,7 @@ class PortEngine:
 
     @blas_single_threaded
     def head_scores(self, q_window, cache: PortLayerCache, kernel: int, pooling: str) -> np.ndarray:
-        """SPEC section 1, steps 1-4, one KV group at a time (on the CPU threads): (H, n-w) on the host."""
+        """docs/semantics.md §1, steps 1-3, one KV group at a time (on the CPU threads): (H, n-w) on the host."""
         xp, G = self.xp, self.config.group_size
         H, w, hd = q_window.shape
         n = cache.lengths[0]

@@ -1,4 +1,4 @@
-"""Properties of every method on random tiny models and prompts (SPEC sections 1-6)."""
+"""Properties of every method on random tiny models and prompts (docs/semantics.md §1-7)."""
 
 from __future__ import annotations
 

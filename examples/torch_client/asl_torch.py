@@ -168,7 +168,7 @@ class Runner:
         return self.model.model.embed_tokens(torch.as_tensor(ids, dtype=torch.long))
 
 
-# ---------------------------------------------------------------- SPEC section 1: scores and ranks
+# ---------------------------------------------------------------- semantics.md §1-2: scores and ranks
 
 
 def head_scores(q: torch.Tensor, k: torch.Tensor, w: int, G: int, kernel: int, pooling: str) -> torch.Tensor:
@@ -204,7 +204,7 @@ def best(score: torch.Tensor, count: int) -> torch.Tensor:
     return torch.sort(order(score)[:count]).values
 
 
-# ---------------------------------------------------------------- SPEC section 2: the criterion
+# ---------------------------------------------------------------- semantics.md §3: the criterion
 
 
 def rank_variance(window_ranks: list[torch.Tensor], k_prime: int) -> tuple[int, Fraction]:

@@ -1,4 +1,4 @@
-"""ASL's criterion (SPEC section 2): does the ranking still move between recent layers?
+"""ASL's criterion (docs/semantics.md §3): does the ranking still move between recent layers?
 
 Over the last L_obs layers' ranks, U is the union of their top-k' sets and
 

@@ -46,7 +46,7 @@ from reference.model.weights import Weights
 
 @dataclass
 class LayerRecord:
-    """What one layer did during prefill (SPEC section 6); `trace.py` writes it out."""
+    """What one layer did during prefill (docs/semantics.md §7); `trace.py` writes it out."""
 
     layer: int
     prefill_tokens: int  # tokens this layer processed

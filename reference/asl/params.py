@@ -30,7 +30,7 @@ STRATEGIES = ("cosine", "linear")  # "linear" runs as the constant ratio, as in 
 
 @dataclass(frozen=True)
 class Method:
-    """One row of the methods table (SPEC sections 2-5)."""
+    """One row of the methods table (docs/semantics.md §3-6b)."""
 
     name: str
     uses: tuple[str, ...]  # parameters it reads (kv_budget: any method, when set)
@@ -61,7 +61,7 @@ class Method:
 
     @property
     def window_scored(self) -> bool:
-        """It scores with w from the parameters (SPEC section 1; GemFilter too), so a prompt of N ≤ w tokens
+        """It scores with w from the parameters (docs/semantics.md §1; GemFilter too), so a prompt of N ≤ w tokens
         runs as full. PyramidInfer's window is its own (int(N · recent_ratio) + 1)."""
         return self.scores and not self.per_layer
 

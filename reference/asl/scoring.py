@@ -1,4 +1,4 @@
-"""Token scores (SPEC section 1): how much the last w prompt queries attend to each earlier token.
+"""Token scores (docs/semantics.md §1): how much the last w prompt queries attend to each earlier token.
 
 Scoring only computes numbers; turning them into kept positions is
 `selection.py`'s job. Symbols: n tokens in the layer, w window, s kernel,
@@ -74,7 +74,7 @@ def pool(u, kernel: int, kind: str = "avg", xp=np):
 
 
 def pooled_head_scores(q_window, k, group_size: int, kernel: int, pooling: str) -> np.ndarray:
-    """p[h, j] = pool(u[h, :])[j]: steps 1-4 of SPEC section 1. (H, n-w)."""
+    """p[h, j] = pool(u[h, :])[j]: steps 1-3 of docs/semantics.md §1. (H, n-w)."""
     return pool(prefix_attention(q_window, k, group_size), kernel, pooling)
 
 

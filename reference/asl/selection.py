@@ -1,4 +1,4 @@
-"""From scores to decisions: ranks, top-k sets, kept positions (SPEC sections 1, 3, 5).
+"""From scores to decisions: ranks, top-k sets, kept positions (docs/semantics.md §2, §4, §6).
 
 Every ordering is a stable sort on the negated score, so equal scores keep
 position order: the earlier token wins. Kept indices are returned ascending.

@@ -1,4 +1,4 @@
-"""The trace: a versioned record of every decision of one run (SPEC section 6).
+"""The trace: a versioned record of every decision of one run (docs/semantics.md §7).
 
 A trace is a JSON document (fields: `trace_schema.json`, docs/trace.md) and,
 optionally, a sibling `.npz` with its arrays (logits, per-layer scores and
@@ -7,7 +7,7 @@ ranks, cached positions). `make_trace` builds both from a `Generation`;
 OracleError that names the file and the JSON path, anything that does not
 follow the schema or whose fields disagree with each other.
 
-+inf is a legal ratio (V0 = 0 < v_ℓ, SPEC "Oracle decisions"); JSON has no
++inf is a legal ratio (V0 = 0 < v_ℓ, docs/semantics.md §8); JSON has no
 infinity, so it is written as the string "inf". NaN is never valid.
 
 (Length: the format's writer and its validator, which must agree field by field.)
