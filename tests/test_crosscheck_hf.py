@@ -269,6 +269,8 @@ def test_phi3_generation_across_the_boundary_is_transformers_recompute():
     theirs = hf_greedy(model, ids, 12)
     assert 1 in model.model.rotary_emb.chosen and 0 in model.model.rotary_emb.chosen  # both sets were used
     assert greedy_by_prefill(weights, ids, 12) == theirs
+    gen = generate(weights, ids, 12, ())  # the reference's generate recomputes at the same step
+    assert gen.generated_ids == theirs and gen.recomputed_at == 64 - len(ids) + 1
     # the cached path at the crossing step (position 64, the 65th token) is not transformers'
     sequence = ids + theirs[:64 - len(ids)]  # 64 tokens: positions 0 .. 63, all short
     _, cache = prefill(weights, sequence[:-1])

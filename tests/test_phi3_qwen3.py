@@ -245,10 +245,12 @@ def record(gen, weights):
 @pytest.mark.parametrize("name, n_tokens, method", [
     ("tiny-qwen3", 100, "asl"), ("tiny-qwen3", 40, "snapkv"), ("tiny-qwen3", 100, "gemfilter"),
     ("tiny-phi3", 40, "asl"), ("tiny-phi3", 100, "asl"), ("tiny-phi3", 100, "snapkv"),
-    ("tiny-phi3", 100, "asl-2pass"), ("tiny-phi3", 40, "gemfilter"),
+    ("tiny-phi3", 100, "asl-2pass"), ("tiny-phi3", 40, "gemfilter"), ("tiny-phi3", 62, "asl"),
+    ("tiny-phi3", 62, "full"),
 ])
 def test_port_agrees_with_the_reference(backend, name, n_tokens, method):
-    """Phi-3: 40 tokens (+4 decoded) stay on the short side of original_max = 64, 100 on the long side."""
+    """Phi-3: 40 tokens (+4 decoded) stay on the short side of original_max = 64, 100 on the long side; 62 + 4
+    cross it (the prefill runs again at step 3, on both engines)."""
     xp_name, weight_dtype = backend
     xp = standin() if xp_name == "standin" else get_xp(xp_name)
     ids = np.random.default_rng(n_tokens).integers(3, 259, n_tokens)
@@ -258,6 +260,7 @@ def test_port_agrees_with_the_reference(backend, name, n_tokens, method):
     port = PortEngine(load_device_weights(CHECKPOINTS / name, xp, weight_dtype, progress=False)[0], xp,
                       block_q=16, block_k=32)
     got = generate(port, ids, 4, (), method=method, params=params)
+    assert expected.recomputed_at == got.recomputed_at == (3 if n_tokens == 62 and name == "tiny-phi3" else None)
     verdict, findings = compare(record(expected, weights), record(got, weights), TOLERANCES[weight_dtype])
     assert verdict != FAIL, "; ".join(f"{f.field}: {f.message}" for f in findings)
 
@@ -304,15 +307,54 @@ def test_port_agrees_with_the_reference_on_random_qwen3_and_phi3_models(backend,
 # ---------------------------------------------------------------- generation across Phi-3's boundary
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "reference/asl/generate.py decodes on with the cache when a Phi-3 generation crosses "
-    "original_max_position_embeddings; transformers' Phi3ForCausalLM recomputes it there with the long factors "
-    "(docs/models.md). Remove this marker once generate re-prefills at longrope_switch_position."))
 def test_reference_generation_across_the_boundary_equals_a_fresh_prefill_per_step():
+    """58 + 10 tokens cross L0 = 64: every step's logits are a fresh prefill's of the sequence so far (the short set
+    up to 64 tokens, the long set from 65 on), as transformers' generate gives (tests/test_crosscheck_hf.py)."""
     w = load_weights(CHECKPOINTS / "tiny-phi3", "float64")
     ids = np.random.default_rng(58).integers(3, 259, 58).tolist()
     gen = generate(w, ids, 10, ())
+    assert gen.recomputed_at == 65 - 58 and len(gen.notes) == 1 and "65 tokens at generation step 7" in gen.notes[0]
     sequence = ids + gen.generated_ids
     for step, logits in enumerate(gen.step_logits):
         fresh, _ = prefill(w, sequence[:58 + step])
         assert float(np.abs(logits - fresh).max()) < 1e-9, f"step {step} (position {57 + step})"
+
+
+@pytest.mark.parametrize("n_prompt, new", [(40, 10), (64, 10), (65, 10), (50, 15)])
+def test_recomputation_happens_exactly_when_the_sequence_first_passes_the_boundary(n_prompt, new):
+    """Below and above L0 = 64 nothing is recomputed; a prompt of 64 recomputes at its first decode step (the
+    token at position 64 is the first of the long set); 50 + 15 crosses at step 64 - 50 + 1 = 15, never reached:
+    the 15th token is the last, no token is fed after it."""
+    w = load_weights(CHECKPOINTS / "tiny-phi3", "float64")
+    ids = np.random.default_rng(n_prompt).integers(3, 259, n_prompt).tolist()
+    gen = generate(w, ids, new, ())
+    crosses = n_prompt <= 64 < n_prompt + new - 1
+    assert gen.recomputed_at == (65 - n_prompt if crosses else None)
+    assert any("original_max_position_embeddings + 1 = 65" in n for n in gen.notes) == crosses
+
+
+@pytest.mark.parametrize("method", ["asl", "snapkv", "gemfilter", "asl-2pass"])
+def test_a_pruning_method_runs_its_prefill_again_on_the_whole_sequence_at_the_boundary(method):
+    """At the crossing step the method's own prefill runs on prompt + generated tokens (the authors' code drops its
+    cache there, and its next forward call is a prefill): the next token is that prefill's, and the steps before
+    are those of the run that never crosses."""
+    w = load_weights(CHECKPOINTS / "tiny-phi3", "float64")
+    params = Params(window=4, kernel=3, select_k=24, tau=0.5, l_min=6, l_obs=4, select_layer=8, filter_layer=5,
+                    kv_budget=30 if method == "snapkv" else None)
+    ids = np.random.default_rng(7).integers(3, 259, 60).tolist()
+    gen = generate(w, ids, 8, (), method=method, params=params)
+    step = 65 - 60
+    assert gen.recomputed_at == step and gen.notes
+    short = generate(w, ids, step, (), method=method, params=params)  # stops before the crossing
+    assert short.generated_ids == gen.generated_ids[:step] and short.recomputed_at is None
+    again = generate(w, ids + gen.generated_ids[:step], 1, (), method=method, params=params)
+    assert np.array_equal(again.step_logits[0], gen.step_logits[step])
+    trace, _ = make_trace(gen, model_name="tiny-phi3", model_sha256="", config=w.config, dtype="float64")
+    assert any(n.startswith("longrope: the sequence reached") for n in trace["notes"])
+
+
+def test_pyramidinfer_across_the_boundary_is_refused_with_the_fix():
+    w = load_weights(CHECKPOINTS / "tiny-phi3", "float64")
+    with pytest.raises(OracleError, match=r"original_max_position_embeddings \(64\).*keep prompt \+ new tokens <= 65"):
+        generate(w, list(range(3, 63)), 6, (), method="pyramidinfer")
+    generate(w, list(range(3, 63)), 5, (), method="pyramidinfer")  # 60 + 5 = 65: the last token is never fed

@@ -17,7 +17,10 @@ from reference.asl.methods import PrefillResult, run_prefill
 from reference.asl.params import Params
 from reference.errors import OracleError
 from reference.model.config import Config
+from reference.model.rope import longrope_switch_position
 from reference.model.weights import Weights
+
+RECOMPUTED = "longrope: the sequence reached"  # the start of the note a recomputed cache leaves in the trace
 
 
 @dataclass
@@ -31,6 +34,8 @@ class Generation:
     stopped_at_eos: bool = False
     prefill: PrefillResult | None = None  # the method's decisions and per-layer record
     compressions: list = field(default_factory=list)  # PyramidInfer's decode-stage compressions (pyramid.Compression)
+    recomputed_at: int | None = None  # LongRoPE: the step whose token was fed by a prefill of the whole sequence
+    notes: list[str] = field(default_factory=list)  # what decoding adds to the prefill's notes (the recomputation)
 
 
 def check_prompt(cfg: Config, prompt_ids, max_new_tokens: int = 0) -> np.ndarray:
@@ -91,9 +96,25 @@ def generate(
     methods, |kept| after a second pass); `on_token(id)` sees each token.
     `result.prefill.cache` is still the cache after prefill: each decode step
     returns a new cache (the Engine protocol, reference/asl/engine.py).
+
+    LongRoPE (Phi-3): when the sequence (prompt + generated tokens, the one
+    being fed included) first reaches L0 + 1 tokens, L0 being
+    original_max_position_embeddings, the cache of short-factor keys is
+    dropped and the method's prefill runs again on the whole sequence (with
+    the long factors, as its positions now reach L0); decoding goes on from
+    that prefill. This is transformers' Phi3ForCausalLM.generate and the
+    authors' code (docs/semantics.md §5).
     """
     engine = as_engine(engine)
     ids = check_prompt(engine.config, prompt_ids, max_new_tokens)
+    switch = longrope_switch_position(engine.config)  # L0, or None: no recomputation
+    if (switch is not None and method == "pyramidinfer" and len(ids) <= switch
+            and len(ids) + max_new_tokens >= switch + 2):
+        raise OracleError(
+            f"pyramidinfer with a generation that may cross original_max_position_embeddings ({switch}): a prompt "
+            f"of {len(ids)} tokens and {max_new_tokens} new tokens; the recomputation there is not defined for "
+            f"PyramidInfer's decode stage (docs/semantics.md §5); keep prompt + new tokens <= {switch + 1}, or use "
+            f"a prompt longer than {switch} tokens")
     result = Generation(prompt_ids=ids.tolist())
     start = time.perf_counter()
     result.prefill = run_prefill(engine, ids, method, params)
@@ -120,6 +141,10 @@ def generate(
             break
         if len(result.generated_ids) == max_new_tokens:
             break
+        sequence = len(ids) + len(result.generated_ids)  # tokens once `token` is fed
+        if switch is not None and sequence == switch + 1:  # LongRoPE's first step past L0: recompute
+            logits, cache, position = recompute(engine, ids, method, params, result)
+            continue
         if state is None:
             logits, cache = engine.decode(cache, token, position)
         else:
@@ -127,6 +152,21 @@ def generate(
         position += 1
     result.decode_seconds = time.perf_counter() - start
     return result
+
+
+def recompute(engine, ids: np.ndarray, method: str, params: Params | None, result: Generation):
+    """LongRoPE's step past L0: the method's prefill of the whole sequence (prompt + every generated token) in
+    place of decoding the last one; returns its logits, cache and next position."""
+    sequence = np.concatenate([ids, np.asarray(result.generated_ids, dtype=np.int64)])
+    again = run_prefill(engine, sequence, method, params)
+    result.recomputed_at = len(result.generated_ids)
+    result.notes.append(
+        f"{RECOMPUTED} original_max_position_embeddings + 1 = {len(sequence)} tokens at generation step "
+        f"{result.recomputed_at}: the cache was dropped and the {method} prefill run again on the whole sequence "
+        "with the long factors (as transformers' Phi3ForCausalLM.generate does); "
+        + (f"its selection layer there: {again.select_layer}" if again.select_layer is not None else
+           "it selected at no layer"))
+    return again.logits, again.cache, again.next_position
 
 
 def pyramid_decode(engine, cache, token: int, position: int, state, result: Generation):

@@ -150,7 +150,7 @@ def make_trace(
         "next_position": int(run.next_position),
         "generated_ids": [int(t) for t in gen.generated_ids],
         "generated_gaps": [float(g) for g in gen.generated_gaps],
-        "notes": list(run.notes),
+        "notes": list(run.notes) + list(gen.notes),
         "layers": layers,
         "first_pass": first_pass,
         "decode_compressions": None if run.decode_state is None else [
