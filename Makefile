@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ASL    := $(VENV)/bin/asl
 
-.PHONY: demo test venv venv-test smollm2 tiny-checkpoints goldens bench clean help check-kvpress gpu-wheels screenshots
+.PHONY: demo test venv venv-test smollm2 tiny-checkpoints goldens bench clean help check-kvpress gpu-wheels screenshots notebooks
 
 help:
 	@echo "make demo   - set up .venv, fetch SmolLM2 (once), answer a pass key hidden in ~1K tokens"
@@ -14,6 +14,7 @@ help:
 	@echo "make goldens - regenerate tests/goldens/ and print the diff of every change"
 	@echo "make gpu-wheels - cp312 manylinux wheels of what the GPU image lacks, into .whl/ (docs/gpu.md)"
 	@echo "make screenshots - docs/images/view-*.png: asl view of SmolLM2's demo run and of a planted-bug FAIL (docs/view.md)"
+	@echo "make notebooks - run notebooks/*.ipynb top to bottom at full settings and write them back with their outputs (docs/notebooks.md)"
 	@echo "make check-kvpress - judge kvpress's SnapKVPress with the oracle, in its own .venv-kvpress (docs/integrations.md)"
 
 $(PY):
@@ -53,6 +54,12 @@ tiny-checkpoints: $(VENV)/.base
 screenshots: smollm2
 	@command -v chromium >/dev/null || { echo "make screenshots needs Debian's chromium: apt-get install chromium"; exit 1; }
 	$(PY) docs/images/screenshots.py
+
+# The notebooks as committed: executed top to bottom at full settings, outputs written into notebooks/*.ipynb;
+# no execution times, progress bars or paths (docs/notebooks.md). nbclient and ipykernel come with the test extra.
+notebooks: $(VENV)/.test
+	$(ASL) fetch smollm2
+	$(PY) notebooks/execute.py
 
 goldens: $(VENV)/.base
 	$(PY) -m reference.oracle.goldens --out tests/goldens
