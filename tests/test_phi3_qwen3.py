@@ -36,7 +36,8 @@ from reference.model.rope import (
 from reference.model.transformer import prefill, project_qkv, rms_norm
 from reference.model.weights import expected_tensors, fused_parts
 from reference.oracle.conformance import FAIL, TOLERANCES, compare, record_from_trace
-from reference.oracle.trace import make_trace
+from reference.oracle.bundle import check_trace
+from reference.oracle.trace import make_trace, save_trace
 from tests.conftest import CHECKPOINTS
 from tests.model_factory import random_model
 from tests.standin import standin
@@ -358,3 +359,33 @@ def test_pyramidinfer_across_the_boundary_is_refused_with_the_fix():
     with pytest.raises(OracleError, match=r"original_max_position_embeddings \(64\).*keep prompt \+ new tokens <= 65"):
         generate(w, list(range(3, 63)), 6, (), method="pyramidinfer")
     generate(w, list(range(3, 63)), 5, (), method="pyramidinfer")  # 60 + 5 = 65: the last token is never fed
+
+
+# ---------------------------------------------------------------- judging a run that recomputed
+
+
+def _crossing(method: str, tmp_path):
+    """The oracle's trace of a tiny-phi3 run recomputed at step 3 (62 + 5 tokens), saved; and its in-memory copy."""
+    w = load_weights(CHECKPOINTS / "tiny-phi3", "float64")
+    params = Params(window=4, kernel=3, select_k=24, tau=0.5, l_min=6, l_obs=4, select_layer=8, filter_layer=5)
+    gen = generate(w, np.random.default_rng(3).integers(3, 259, 62).tolist(), 5, (), method=method, params=params)
+    assert gen.recomputed_at == 3
+    trace, arrays = make_trace(gen, model_name="tiny-phi3", model_sha256="0" * 64, config=w.config, dtype="float64")
+    save_trace(trace, arrays, tmp_path / f"{method}.trace.json", with_arrays=True)
+    return tmp_path / f"{method}.trace.json", trace, arrays
+
+
+@pytest.mark.parametrize("method", ["asl", "full"])
+def test_a_difference_after_the_recomputation_is_not_judged_for_a_pruning_method(method, tmp_path):
+    """A pruning method's tokens after the recomputation rest on a second prefill the trace does not record: a
+    difference there is INCOMPLETE (named, not judged), never a PASS; the full run has no decisions there and is
+    judged (FAIL); the same difference one step before the recomputation FAILs for both."""
+    path, trace, arrays = _crossing(method, tmp_path)
+    assert check_trace(path, (trace, arrays)).verdict == "PASS"
+    for step, verdict in ((3, "INCOMPLETE" if method == "asl" else FAIL), (2, FAIL)):
+        bent = {k: v.copy() for k, v in arrays.items()}
+        bent[f"step_logits/{step}"] = bent[f"step_logits/{step}"] + 0.5
+        result = check_trace(path, (trace, bent))
+        assert result.verdict == verdict, (step, result.verdict, [f.message for f in result.findings])
+        if verdict == "INCOMPLETE":
+            assert any("step_logits[3]" in u and "ran again" in u for u in result.unchecked), result.unchecked

@@ -28,10 +28,11 @@ from reference.asl.sharing import SharedPrefill
 from reference.errors import OracleError
 from reference.io.atomic import atomic_write
 from reference.io.checkpoint import eos_token_ids, load_weights
-from reference.io.fetch import resolve_model
+from reference.io.fetch import TINY_ALIASES, resolve_model
 from reference.model.config import read_json
 from reference.oracle.conformance import (
     FAIL,
+    NOT_JUDGED,
     TOLERANCES,
     compare,
     record_from_trace,
@@ -53,9 +54,9 @@ BUNDLE_VERSION = 2  # 2: its traces are schema_version 2 (PyramidInfer's fields)
 
 
 def default_cases(model: str):
-    """The default case matrix for a model: every method, SPEC's edge cases, a few prompt lengths."""
+    """The default case matrix for a model: every method, the contract's edge cases, a few prompt lengths."""
 
-    if model in ("tiny-llama", "tiny-qwen2"):
+    if model in TINY_ALIASES:
         return [c for c in tiny_cases() if c.model == model]
     p = {k: v for k, v in SMOLLM2_PARAMS.to_dict().items() if k != "kv_budget"}
     cases = [Case(f"{m}-{n}", model, m, n, dict(p), seed=0, max_new_tokens=8)
@@ -333,12 +334,13 @@ def check_trace(expected_path: Path, candidate, dtype: str | None = None, decisi
     why = ("--dtype" if dtype else "the candidate's declared dtype, the less precise side" if got["dtype"] == looser
            and got["dtype"] != expected["dtype"] else "both runs' dtype" if got["dtype"] == expected["dtype"]
            else "the bundle's dtype, the less precise side")
-    stated = (f"{row} (logits {tol.logits:g}, scores {tol.score:g} of the largest, criterion margin {tol.margin:g}; "
-              f"chosen by {why})")
+    stated = (f"{row} (logits {tol.logits:g}, decoding steps' logits {tol.step_logits:g}, scores {tol.score:g} of "
+              f"the largest, criterion margin {tol.margin:g}; chosen by {why})")
     got_record = record_from_trace(got, got_arrays)
     verdict, findings = compare(record_from_trace(expected, expected_arrays), got_record, tol)
     findings += _dtype_notes(got, got_arrays)
-    missing = unchecked(got_record)
+    missing = unchecked(got_record) + [f"{f.field} ({f.message.removeprefix(NOT_JUDGED).strip()})" for f in findings
+                                        if f.verdict == NOTE and f.message.startswith(NOT_JUDGED)]
     if missing and verdict != FAIL and not decisions_only:
         verdict = INCOMPLETE
     return CaseResult(case, verdict, findings, unchecked=missing, tolerance=stated)

@@ -46,8 +46,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import re
+
 import numpy as np
 
+from reference.asl.generate import RECOMPUTED
 from reference.asl.params import METHOD
 from reference.asl.selection import boundary_score
 from reference.oracle import pyramid_rules
@@ -67,13 +70,19 @@ class Tolerance:
     margin: float  # |ratio - tau| below which the criterion's decision is a near-tie
     score: float  # distance from the top-k boundary, relative to the layer's largest score
     criterion: float  # relative difference of v and ratio while decisions agree
+    step_logits: float  # max abs difference of a decoding step's logits (its cache carries every earlier step's error)
 
 
+# A decoding step reads a cache whose entries carry float16's rounding of every earlier step, so its logits drift
+# further than the prefill's: up to 1.69 on the float16 port's golden runs (benchmarks/float16_drift.py; tiny-qwen2's
+# logits reach ±25, and SnapKV's trimmed caches drift most), reproduced by the float64 reference with only its
+# cache rounded to float16. Decoding bugs are judged at float32 and float64, where the port agrees exactly.
+STEP_LOGITS_FLOAT16 = 2.0
 # By the dtype of the less precise side. float16 is the GPU port's weight dtype.
 TOLERANCES = {
-    "float64": Tolerance(logits=1e-6, margin=1e-9, score=1e-9, criterion=1e-9),
-    "float32": Tolerance(logits=1e-3, margin=1e-3, score=1e-4, criterion=1e-3),
-    "float16": Tolerance(logits=0.25, margin=0.1, score=0.15, criterion=0.3),
+    "float64": Tolerance(logits=1e-6, margin=1e-9, score=1e-9, criterion=1e-9, step_logits=1e-6),
+    "float32": Tolerance(logits=1e-3, margin=1e-3, score=1e-4, criterion=1e-3, step_logits=1e-3),
+    "float16": Tolerance(logits=0.25, margin=0.1, score=0.15, criterion=0.3, step_logits=STEP_LOGITS_FLOAT16),
 }
 
 
@@ -181,6 +190,21 @@ def _same_observed_ranks(exp: dict, got: dict, layer: int) -> bool:
     return all(m in er and m in gr for m in window) and all(er[m] == gr[m] for m in window)
 
 
+def _observed_ranks_differ(exp: dict, got: dict, layer: int) -> bool:
+    """Both runs report ranks for every layer the criterion observes at `layer`, and some of them differ."""
+    l_obs = exp["params"].get("l_obs") if "params" in exp else None
+    if l_obs is None:
+        return False
+    er, gr = _criterion_ranks(exp), _criterion_ranks(got)
+    window = [str(m) for m in range(layer - l_obs + 1, layer + 1)]
+    return all(m in er and m in gr for m in window) and any(er[m] != gr[m] for m in window)
+
+
+def _criterion_part(rec: dict) -> str:
+    """"first_pass" where ASL's criterion ran in a first pass (two-pass ASL), else "layers"."""
+    return "first_pass" if rec.get("first_pass") else "layers"
+
+
 def _check_select_layer(exp: dict, got: dict, tol: Tolerance) -> Finding | None:
     e, g = exp["select_layer"], got["select_layer"]
     if e == g:
@@ -268,6 +292,9 @@ def _check_layers(exp: dict, got: dict, tol: Tolerance) -> list[Finding]:
             for key in ("prefill_tokens", "kv_tokens"):
                 if a[key] != b[key]:
                     return findings + [Finding(FAIL, f"{at}.{key}", f"expected {a[key]}, got {b[key]}", a["layer"])]
+            if part == _criterion_part(exp) and _observed_ranks_differ(exp, got, a["layer"]):
+                continue  # |U|, v, ratio follow from ranks that differ: those are judged themselves (near-ties or
+                # not), and rule 0 re-derives the candidate's |U|, v and ratio from its own ranks
             for key in ("union_size", "v", "ratio"):  # continuous in near-tied ranks: compared within `criterion`
                 x, y = a[key], b[key]
                 if isinstance(x, str) or isinstance(y, str) or x is None or y is None:
@@ -300,8 +327,23 @@ def _check_layers(exp: dict, got: dict, tol: Tolerance) -> list[Finding]:
 # ---------------------------------------------------------------- rules 4 and 5
 
 
+NOT_JUDGED = "not judged:"  # a finding of what could not be judged: the case is INCOMPLETE, never a PASS
+
+
+def recomputed_step(rec: dict) -> int | None:
+    """LongRoPE: the generation step at which the run's prefill ran again on the whole sequence (its note), or None."""
+    for note in rec.get("notes") or []:
+        m = re.match(re.escape(RECOMPUTED) + r".* at generation step (\d+)", note)
+        if m:
+            return int(m.group(1))
+    return None
+
+
 def _check_logits_and_tokens(exp: dict, got: dict, tol: Tolerance) -> list[Finding]:
     findings = []
+    # from a LongRoPE recomputation on, a pruning method's tokens rest on a second prefill whose decisions (and
+    # their margins) the trace does not hold: a difference there cannot be told from a near-tie
+    again = recomputed_step(exp) if exp["method"] != "full" else None
     if exp["logits"] is not None and got["logits"] is not None:
         a, b = np.asarray(exp["logits"]), np.asarray(got["logits"])
         if a.shape != b.shape:
@@ -314,6 +356,11 @@ def _check_logits_and_tokens(exp: dict, got: dict, tol: Tolerance) -> list[Findi
     prefill_agrees = not findings
     for t, (a, b) in enumerate(zip(exp["generated_ids"], got["generated_ids"])):
         step = _check_step_logits(exp, got, t, tol, prefill_agrees)
+        if again is not None and t >= again and (step is not None or a != b):
+            return findings + [Finding(NOTE, f"step_logits[{t}]", f"{NOT_JUDGED} at step {again} the {exp['method']} "
+                                       "prefill ran again on the whole sequence (LongRoPE, docs/semantics.md §5) and "
+                                       "its decisions are not in the trace, so this difference cannot be told from a "
+                                       "near-tie there", step=t)]
         if step is not None:
             return findings + [step]
         gap = exp["generated_gaps"][t]
@@ -340,7 +387,7 @@ def _check_step_logits(exp: dict, got: dict, t: int, tol: Tolerance, prefill_agr
     if a.shape != b.shape:
         return Finding(FAIL, f"step_logits[{t}]", f"expected {a.size} logits (the vocabulary), got {b.size}", step=t)
     diff = np.abs(a - b)
-    if diff.max() <= tol.logits:
+    if diff.max() <= tol.step_logits:
         return None
     worst = int(diff.argmax())
     why = ("the prefill logits agree, so the prompt's caches are right: look at what decoding adds, the positions "
@@ -348,7 +395,7 @@ def _check_step_logits(exp: dict, got: dict, t: int, tol: Tolerance, prefill_agr
            "appends to and attends over, rotary at those positions" if prefill_agrees else
            "the prefill logits differ too: look at the prefill first")
     return Finding(FAIL, f"step_logits[{t}]", f"step {t} logits differ from SPEC's by up to {diff.max():.3g} "
-                   f"(vocabulary id {worst}), beyond {tol.logits}; {why}", None, None, float(diff.max()), step=t)
+                   f"(vocabulary id {worst}), beyond {tol.step_logits}; {why}", None, None, float(diff.max()), step=t)
 
 
 # ---------------------------------------------------------------- rule 6: the scores themselves

@@ -6,7 +6,8 @@
 A golden is a trimmed trace (docs/trace.md) of one case: token ids, the
 selection layer, kept positions, per-layer cache sizes and criterion values,
 the ranks of a few scored layers, per-head cached positions of the last layer,
-and the next-token logits rounded to 8 decimals (every float to 10
+and the logits of every generated token (the prefill's and each decoding
+step's) rounded to 8 decimals (every float to 10
 significant digits, so last-bit changes do not churn the files). Cases run in float64, so a
 golden does not depend on the BLAS that made it. `compare` is what
 tests/test_goldens.py applies: the tolerance policy of `reference.oracle.conformance`
@@ -102,6 +103,23 @@ def default_cases() -> list[Case]:
                  {"prefill_decay_strategy": "linear", "gen_decay_strategy": "linear", "min_context_length": 16},
                  max_new_tokens=8),
         ]
+    for model in ("tiny-qwen3", "tiny-phi3"):  # the newer families: every method once (their maths against
+        cases += [  # transformers: tests/test_crosscheck_hf.py); Phi-3's 150 tokens run on the long factor set
+            Case(f"{model}-full", model, "full", 150),
+            Case(f"{model}-snapkv", model, "snapkv", 150, {"kv_budget": 40}),
+            Case(f"{model}-fastkv", model, "fastkv", 150),
+            Case(f"{model}-gemfilter", model, "gemfilter", 150),
+            Case(f"{model}-asl", model, "asl", 150),
+            Case(f"{model}-asl-kv-budget", model, "asl", 150, {"kv_budget": 40}),
+            Case(f"{model}-asl-2pass", model, "asl-2pass", 150),
+            Case(f"{model}-pyramidinfer", model, "pyramidinfer", 150, max_new_tokens=8),
+        ]
+    cases += [  # Phi-3 on both sides of original_max_position_embeddings = 64, and across it while decoding
+        Case("tiny-phi3-asl-short-factors", "tiny-phi3", "asl", 40),
+        Case("tiny-phi3-full-crossing", "tiny-phi3", "full", 62),  # 62 + 5: the prefill runs again at step 3
+        Case("tiny-phi3-asl-crossing", "tiny-phi3", "asl", 62),
+        Case("tiny-phi3-asl-2pass-crossing", "tiny-phi3", "asl-2pass", 62),
+    ]
     return cases
 
 
@@ -132,6 +150,8 @@ def run_case(case: Case, engine_factory=None, dtype: str = "float64") -> dict:
     record["kv_positions"] = {last: record["kv_positions"][last]}
     record["kv_scores"] = {l: s for l, s in record["kv_scores"].items() if l == last}
     record["logits"] = np.round(np.asarray(record["logits"]), LOGIT_DECIMALS).tolist()
+    if record.get("step_logits"):  # every decoding step's logits (issue 26), rounded as the prefill's
+        record["step_logits"] = {t: np.round(np.asarray(v), LOGIT_DECIMALS).tolist() for t, v in record["step_logits"].items()}
     record = _significant(record)
     return {
         "case": case.name,
