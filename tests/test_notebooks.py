@@ -76,3 +76,14 @@ def test_notebook_is_committed_executed_and_clean(path):
 def test_notebook_runs_top_to_bottom(path, smollm2_dir):
     # raises CellExecutionError, naming the failing cell, on any error (a failed assert about the outputs included)
     execute.execute(path, small=True, plots=False, timeout=600)
+
+
+def test_the_notebooks_extra_brings_what_the_readme_runs():
+    """README says `pip install -e '.[notebooks]'` then `jupyter lab`; docs/notebooks.md uses nbconvert-style runs:
+    the extra names those packages itself (the `jupyter` metapackage has shipped without jupyterlab)."""
+    import tomllib
+
+    extra = tomllib.loads((NOTEBOOK_DIR.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {re.split(r"[<>=\[ ]", req)[0].lower() for req in extra["notebooks"]}
+    assert {"jupyterlab", "nbconvert", "ipykernel", "nbclient"} <= names
+    assert "jupyter lab" in (NOTEBOOK_DIR.parent / "README.md").read_text()
