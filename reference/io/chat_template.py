@@ -1,9 +1,12 @@
 """The chat-template sandbox: a checkpoint's Jinja chat template rendered with bounded work and size.
 
-(Why ~700 lines: jinja2's sandbox stops attribute access, not work or size, and no
-library bounds them; a forked child with rlimits would, but is not portable and
-costs a process per prompt. Each limit below is one check at the place where a
-template could build something huge in one step.)
+(Why ~700 lines: jinja2's sandbox stops attribute access, not work or size.
+MiniJinja, the Rust engine Hugging Face's text-generation-inference renders chat
+templates with, has a fuel limit but, measured, does not bound memory-doubling
+or exponential-walk templates, and it aborts the process on a huge format width.
+A forked child with rlimits would bound them, but is not portable and costs a
+process per prompt. Each limit below is one check at the place where a template
+could build something huge in one step.)
 
 A chat template is code that comes with a downloaded checkpoint, so it is
 treated as hostile: whatever it does, rendering ends within a few seconds with
@@ -36,8 +39,11 @@ mutation of lists and dicts), rendering is bounded by:
   are not available.
 
 These limits are far above what chat templates need (the tiny checkpoints'
-ChatML template takes ~125 steps) and far below what would exhaust memory or
-patience; a template rendering to no text at all is refused as well.
+ChatML template takes ~125 steps; the Qwen3- and Phi-3.5-style templates of
+tests/templates/, which render here exactly as transformers renders them, ~330
+and ~70 steps per message of a long tool-using conversation) and far below what
+would exhaust memory or patience; a template rendering to no text at all is
+refused as well.
 """
 from __future__ import annotations
 
