@@ -3,7 +3,7 @@
     python examples/kvpress/kvpress_check.py --work out/kvpress          # what `make check-kvpress` runs
 
 1. writes the oracle's bundles (`write_bundle`, float64) of the cases in `cases.json`: SnapKV under the
-   kvpress-compatible profile (avg pooling, B > w, N > w) on tiny-llama, tiny-qwen2 and SmolLM2;
+   kvpress-compatible profile (avg pooling, B > w, N > w) on tiny-llama, tiny-qwen2, tiny-qwen3 and SmolLM2;
 2. runs each case through kvpress: `SnapKVPress(compression_ratio=1 - (B + 0.5) / N, window_size=w,
    kernel_size=s)` on transformers (float32; the `float64` class in float64), greedy decoding as kvpress's
    pipeline does it; `reference.oracle.hf_recorder` reads back which positions each layer and KV head kept,
@@ -11,7 +11,8 @@
 3. writes each candidate with the implementer's kit (`reference.oracle.candidate`) and judges it as
    `asl check CAND --golden BUNDLE --methods snapkv` does (`reference.oracle.bundle.check`);
 4. runs the same adapter with each planted bug (the window not force-kept; average pooling without zero
-   padding), which must FAIL on the field named in `expected.json`;
+   padding; on tiny-qwen3, the window queries recomputed without Qwen3's q_norm), which must FAIL on the
+   field named in `expected.json` (`_plants`);
 5. prints the verdict table and exits 0 only when every verdict is the documented one (`expected.json`,
    docs/integrations.md) and every planted bug was caught. A run that could not happen is NOT RUN, never a pass.
 
@@ -21,7 +22,8 @@
 --stable-topk replaces the one selection kvpress makes (`scores.topk(n_kept, dim=-1).indices` in
 `ScorerPress.compress`) by a stable sort, earlier positions first among equal scores (SPEC's tie rule); it
 runs every float32 case of --cases, no float64 run and no planted bug, and its rule replaces --expected:
-every verdict must be PASS. A --cases file without `_plants_on` runs no planted bug. --work defaults to
+every verdict must be PASS. `_plants_on` in a cases file names the model every planted bug runs on, or one
+per bug ({bug: model}); a --cases file without it runs no planted bug. --work defaults to
 out/kvpress for cases.json and to out/kvpress-STEM for any other cases file, so that the bundles of one
 never overwrite the other's (they are rewritten whenever a model's cases differ from the stamp).
 
@@ -62,6 +64,8 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 PLANTS = {
     "window-not-force-kept": "the window's keys get score 0 instead of max + 1 (F.pad value), so nothing keeps them",
     "pooling-without-zero-padding": "avg_pool1d with count_include_pad=False: edge windows divide by the in-range count",
+    "window-queries-without-q-norm": "SnapKV's window queries recomputed without Qwen3's q_norm (q_proj, heads, "
+                                     "rotary; the suspected cause of kvpress issue #134): a no-op on models without q_norm",
 }
 
 
@@ -103,23 +107,56 @@ def stable_topk(press, on: bool):
         restore()
 
 
+def _queries_without_q_norm(module, hidden_states):
+    """kvpress's `get_prerope_query_states` without its Qwen3/Gemma3 branch: q_proj split into heads, no q_norm."""
+    if not hasattr(module, "q_norm"):  # the plant would change nothing: never a MISSED that means nothing
+        raise OracleError(f"--plant window-queries-without-q-norm: {type(module).__name__} has no q_norm; "
+                          "plant it on a Qwen3 model (_plants_on)")
+    bsz, q_len, _ = hidden_states.shape
+    heads = module.q_proj(hidden_states).view(bsz, q_len, module.config.num_attention_heads, module.head_dim)
+    return heads.transpose(1, 2)
+
+
 @contextlib.contextmanager
 def planted(bug: str | None):
-    """Plant one bug in kvpress's SnapKVPress for the duration of a run (its module's F, nothing else)."""
+    """Plant one bug in kvpress's SnapKVPress for the duration of a run: one name of its module
+    (`F`, or `get_prerope_query_states` as snapkv_press imported it), nothing else."""
     if bug is None:
         yield
         return
-    original = snapkv_press.F
     if bug == "window-not-force-kept":
-        snapkv_press.F = argparse.Namespace(avg_pool1d=F.avg_pool1d, pad=lambda x, pad, value=0.0: F.pad(x, pad, value=0.0))
+        name, bugged = "F", argparse.Namespace(avg_pool1d=F.avg_pool1d, pad=lambda x, pad, value=0.0: F.pad(x, pad, value=0.0))
     elif bug == "pooling-without-zero-padding":
-        snapkv_press.F = argparse.Namespace(pad=F.pad, avg_pool1d=lambda *a, **k: F.avg_pool1d(*a, **k, count_include_pad=False))
+        name, bugged = "F", argparse.Namespace(pad=F.pad, avg_pool1d=lambda *a, **k: F.avg_pool1d(*a, **k, count_include_pad=False))
+    elif bug == "window-queries-without-q-norm":
+        name, bugged = "get_prerope_query_states", _queries_without_q_norm
     else:
         raise OracleError(f"--plant {bug}: unknown; choose from {', '.join(PLANTS)}")
+    original = getattr(snapkv_press, name)
+    setattr(snapkv_press, name, bugged)
     try:
         yield
     finally:
-        snapkv_press.F = original
+        setattr(snapkv_press, name, original)
+
+
+def plant_models(spec: dict, source: Path) -> dict[str, str]:
+    """`_plants_on` of a cases file: one model for every planted bug, or {bug: model}; {} when absent."""
+    on = spec.get("_plants_on")
+    if on is None:
+        return {}
+    if isinstance(on, str):
+        on = {bug: on for bug in PLANTS}
+    if not (isinstance(on, dict) and all(isinstance(m, str) for m in on.values())):
+        raise OracleError(f"{source}: _plants_on must be a model name or an object {{bug: model}}; got {on!r}")
+    unknown = sorted(set(on) - set(PLANTS))
+    if unknown:
+        raise OracleError(f"{source}: _plants_on names unknown planted bug(s) {', '.join(unknown)}; "
+                          f"choose from {', '.join(PLANTS)}")
+    missing = sorted(m for m in set(on.values()) if m.startswith("_") or not isinstance(spec.get(m), list))
+    if missing:
+        raise OracleError(f"{source}: _plants_on plants on {', '.join(missing)}, which has no cases there")
+    return dict(on)
 
 
 @functools.lru_cache(maxsize=None)
@@ -224,18 +261,24 @@ def main(argv=None) -> int:
         default_cases = args.cases.resolve() == (HERE / "cases.json").resolve()
         args.work = Path("out/kvpress" if default_cases else f"out/kvpress-{args.cases.stem}")
     models = args.models or [m for m in spec if not m.startswith("_")]
+    try:
+        plants_on = plant_models(spec, args.cases)
+    except OracleError as e:
+        ap.error(str(e))
     if args.stable_topk:  # the rule: every float32 case of every model run, PASS
         expected = {f"{m}-{c['name']}@float32": {"verdict": "PASS", "field": None} for m in models for c in spec[m]}
         runs = [(m, "float32", None) for m in models]
     else:
         expected = json.loads((args.expected or HERE / "expected.json").read_text())
         runs = [(m, dt, None) for m in models for dt in spec["_dtypes"].get(m, ["float32"])]
-        if "_plants_on" in spec:
-            runs += [(spec["_plants_on"], "float32", bug) for bug in PLANTS]
+        runs += [(model, "float32", bug) for bug, model in plants_on.items()]
     if args.plant:
-        if "_plants_on" not in spec:
-            ap.error(f"--plant: {args.cases} names no model to plant on (_plants_on)")
-        runs = [(spec["_plants_on"], "float32", args.plant)]
+        if args.plant not in plants_on:
+            ap.error(f"--plant: {args.cases} names no model to plant {args.plant} on (_plants_on)")
+        runs = [(plants_on[args.plant], "float32", args.plant)]
+    undocumented = sorted({bug for _, _, bug in runs if bug} - set(expected.get("_plants", {})))
+    if undocumented:
+        ap.error(f"{args.expected or 'expected.json'}: _plants names no field for planted bug(s) {', '.join(undocumented)}")
     rows, ok = [], True
     for model, dtype, bug in runs:
         started = time.time()
