@@ -19,6 +19,8 @@ crosses the boundary included (transformers recomputes the cache there).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -287,3 +289,45 @@ def test_phi3_generation_across_the_boundary_is_transformers_recompute():
         step = model(torch.tensor([[nxt]]), cache=first.cache, use_cache=True)
     assert model.model.rotary_emb.chosen == [0, 1]  # the 64-token call short, the step at position 64 long
     assert_logits_agree(crossing_cached, step.logits[0, -1].numpy(), "float64")
+
+
+# ---------------------------------------------------------------- Qwen3 and Phi-3 beyond the committed shapes
+
+FAMILY_VARIANTS = {  # base checkpoint, config changes: the shapes real Qwen3 and Phi-3 checkpoints come in
+    "qwen3, no GQA, head_dim = D/H, tied": ("tiny-qwen3", dict(num_attention_heads=4, num_key_value_heads=4,
+                                                                 head_dim=8, tie_word_embeddings=True)),
+    "qwen3, 8 heads over 2, head_dim 32 > D/H, biases": ("tiny-qwen3", dict(num_attention_heads=8, num_key_value_heads=2,
+                                                                       head_dim=32, attention_bias=True)),
+    "phi3, no GQA, no rope scaling (as Phi-3-mini-4k)": ("tiny-phi3", dict(num_key_value_heads=4, rope_scaling=None)),
+    "phi3, 8 heads over 4, D 64, longrope L0 = 48": ("tiny-phi3", dict(
+        hidden_size=64, num_attention_heads=8, num_key_value_heads=4, original_max_position_embeddings=48,
+        rope_scaling=dict(type="longrope", short_factor=[1.0, 1.05, 1.1, 1.3], long_factor=[1.0, 3.0, 6.0, 16.0]))),
+}
+
+
+def _family_variant(tmp_path, monkeypatch, base: str, change: dict):
+    from reference.io import tiny
+
+    spec = json.loads(json.dumps(tiny.FAMILIES[base]))
+    spec["config"].update(change, num_hidden_layers=6)
+    monkeypatch.setitem(tiny.FAMILIES, "variant", spec)
+    return tiny.write_tiny_checkpoint("variant", tmp_path / "variant")
+
+
+@pytest.mark.parametrize("name", FAMILY_VARIANTS)
+def test_qwen3_and_phi3_variants_match_transformers(name, tmp_path, monkeypatch):
+    """Logits of 30 and 90 tokens (Phi-3: both sides of L0) to float64's 1e-8, and 12 greedy tokens from a prompt just
+    below L0 (Phi-3's generation crosses it and recomputes, as transformers' generate does), identical."""
+    base, change = FAMILY_VARIANTS[name]
+    d = _family_variant(tmp_path, monkeypatch, base, change)
+    weights, model = load_weights(d, "float64"), hf_model(d, "float64")
+    for n in (30, 90):
+        ids = np.random.default_rng(n).integers(3, 259, n).tolist()
+        ours, _ = prefill(weights, ids, all_logits=True)
+        assert_logits_agree(ours, hf_logits(model, ids), "float64")
+    ids = np.random.default_rng(1).integers(3, 259, 42).tolist()
+    gen = generate(weights, ids, 12, ())
+    assert gen.generated_ids == hf_greedy(model, ids, 12), name
+    L0 = weights.config.rope_scaling.original_max_position_embeddings
+    crosses = weights.config.rope_scaling.rope_type == "longrope" and 42 <= L0 < 42 + 11
+    assert (gen.recomputed_at is not None) == crosses

@@ -206,6 +206,8 @@ def random_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
                 p + "self_attn.k_proj.bias": normal(H_kv * hd, std=0.5),
                 p + "self_attn.v_proj.bias": normal(H_kv * hd, std=0.5),
             }
+        if cfg.get("attention_bias"):  # Llama's and Qwen3's attention_bias covers o_proj too (Qwen2's never)
+            w[p + "self_attn.o_proj.bias"] = normal(D, std=0.1)
         if cfg["model_type"] == "qwen3":  # per-head RMSNorm weights of q and k
             w |= {p + "self_attn.q_norm.weight": 1.0 + normal(hd, std=0.1),
                   p + "self_attn.k_norm.weight": 1.0 + normal(hd, std=0.1)}
