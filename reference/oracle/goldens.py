@@ -117,8 +117,8 @@ def default_cases() -> list[Case]:
     cases += [  # Phi-3 on both sides of original_max_position_embeddings = 64, and across it while decoding
         Case("tiny-phi3-asl-short-factors", "tiny-phi3", "asl", 40),
         Case("tiny-phi3-full-crossing", "tiny-phi3", "full", 62),  # 62 + 5: the prefill runs again at step 3
-        Case("tiny-phi3-asl-crossing", "tiny-phi3", "asl", 62),
-        Case("tiny-phi3-asl-2pass-crossing", "tiny-phi3", "asl-2pass", 62),
+        Case("tiny-phi3-asl-crossing", "tiny-phi3", "asl", 62, {"tau": 0.7}),  # τ 0.7: both prefills select
+        Case("tiny-phi3-asl-2pass-crossing", "tiny-phi3", "asl-2pass", 62, {"tau": 0.7}),
     ]
     return cases
 
