@@ -10,6 +10,9 @@ Steps, each written to OUT as it finishes (so a run cut short still reports):
    (hypothesis, random tiny models), the goldens left to step 3;
 3. goldens: every golden case on the port at its weight dtype, judged by
    reference/oracle/conformance.py (once: step 2 leaves them out);
+3b. sharing: every method on one `SharedPrefill` of the port (reference/asl/sharing.py), in both orders,
+   against the same method alone, on tiny-llama and tiny-qwen3: generated ids, every step's logits and every cached position
+   identical bit for bit, the layers served counted, and the memory bound read from the device;
 4. benchmark: a randomly initialised Llama-3.1-8B-shaped model (weights made on
    the device; --small: a small shape): the rate of the port's float16 linear
    layer against a float16 GEMM, then at each of --lengths, shortest first,
@@ -49,7 +52,10 @@ from reference.asl.params import Params
 from reference.model.config import parse_config
 from reference.model.rope import inverse_frequencies
 from reference.oracle.conformance import TOLERANCES, compare
-from reference.oracle.goldens import default_cases, run_case
+from reference.asl.params import METHODS
+from reference.asl.sharing import SharedPrefill, available_bytes
+from reference.io.fetch import resolve_model
+from reference.oracle.goldens import BASE, default_cases, run_case
 from reference.oracle.trace import make_trace
 from reference.oracle.verdicts import VERDICTS
 
@@ -157,6 +163,39 @@ def run_goldens(report: Report, xp, weight_dtype: str) -> None:
         verdicts[case.name] = verdict if not findings else f"{verdict}: {findings[0].field}: {findings[0].message}"
     counts = {v: sum(1 for x in verdicts.values() if x.split(":")[0] == v) for v in VERDICTS}
     report.put("goldens", {"weight_dtype": weight_dtype, "counts": counts, "cases": verdicts})
+
+
+SHARED_MODELS = ("tiny-llama", "tiny-qwen3")  # the second: q/k norms and head_dim ≠ D / H on the device
+
+
+def _same_run(a, b, engine) -> bool:
+    """Bit for bit: generated ids, every step's logits, and every layer's cached positions after prefill."""
+    return (a.generated_ids == b.generated_ids and len(a.step_logits) == len(b.step_logits)
+            and all(np.array_equal(x, y) for x, y in zip(a.step_logits, b.step_logits))
+            and all(np.array_equal(p, q) for c, d in zip(a.prefill.cache, b.prefill.cache)
+                    for p, q in zip(engine.positions(c), engine.positions(d))))
+
+
+def run_sharing(report: Report, xp, weight_dtype: str) -> None:
+    """Many methods, one prefill on this backend: each method on a SharedPrefill is the method alone."""
+    rows = {}
+    for model in SHARED_MODELS:
+        engine = PortEngine(load_device_weights(resolve_model(model), xp, weight_dtype, progress=False)[0], xp)
+        ids = np.random.default_rng(25).integers(3, 259, 150).tolist()
+        params = {m: Params() if m == "pyramidinfer" else Params(**(BASE.to_dict() | {"kv_budget": 40}))
+                  if m == "snapkv" else BASE for m in METHODS}
+        alone = {m: generate(engine, ids, 4, (), method=m, params=params[m]) for m in METHODS}
+        different, served = set(), 0
+        for order in (METHODS, METHODS[::-1]):  # whichever method runs a layer first computes it: both orders
+            shared = SharedPrefill(engine)
+            with shared.sharing(ids):
+                together = {m: generate(shared, ids, 4, (), method=m, params=params[m]) for m in order}
+                held = shared.remembered_bytes
+            different |= {m for m in METHODS if not _same_run(alone[m], together[m], engine)}
+            served += shared.layers_served
+        rows[model] = {"identical": not different, "different": sorted(different), "layers_served": served,
+                       "held_mib": round(held / 2**20, 3), "bound_gib": round(0.5 * available_bytes(engine) / 2**30, 2)}
+    report.put("sharing", rows)
 
 
 def gemm_tflops(xp, n: int, dtype) -> float:
@@ -387,6 +426,11 @@ def markdown(data: dict) -> str:
         lines += [f"Agreement tests: return code {data['agreement']['returncode']}, {data['agreement']['summary']}", ""]
     if "goldens" in data:
         lines += [f"Goldens on the port ({data['goldens']['weight_dtype']} weights): {data['goldens']['counts']}", ""]
+    if "sharing" in data:
+        lines += ["Many methods, one prefill (every method shared against alone, bit for bit): " + "; ".join(
+            f"{m}: {'identical' if r['identical'] else 'DIFFERENT ' + ', '.join(r['different'])}, "
+            f"{r['layers_served']} layers served, {r['held_mib']} MiB held, bound {r['bound_gib']} GiB"
+            for m, r in data["sharing"].items()), ""]
     if "gemm_tflops" in data:
         lines += [f"GEMM rate measured in the same run: {data['gemm_tflops']['tflops']} TFLOP/s "
                   f"({data['gemm_tflops']['dtype']})", ""]
@@ -445,6 +489,7 @@ def main(argv=None) -> int:
     report.put("environment", environment(xp) | {"blocks": blocks or "the engine's defaults"})
     steps = [] if args.skip_pytest else [("agreement", lambda: run_agreement_tests(report, max(30.0, args.budget_s / 4)))]
     steps += [("goldens", lambda: run_goldens(report, xp, weight_dtype)),
+              ("sharing", lambda: run_sharing(report, xp, weight_dtype)),
               ("benchmark", lambda: run_benchmark(report, xp, args.small, lengths, weight_dtype, args.budget_s, blocks))]
     broken = []
     try:
@@ -465,7 +510,8 @@ def main(argv=None) -> int:
         print(f"results in {args.out}/results.json and {args.out}/gpu-results.md ({report.elapsed():.0f} s)")
     agreement = report.data.get("agreement", {"returncode": 0})  # absent with --skip-pytest; None: timed out
     failed = (broken or agreement["returncode"] != 0
-              or report.data.get("goldens", {}).get("counts", {}).get("FAIL"))
+              or report.data.get("goldens", {}).get("counts", {}).get("FAIL")
+              or not all(r["identical"] for r in report.data.get("sharing", {}).values()))
     return 1 if failed else 0
 
 

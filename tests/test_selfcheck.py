@@ -13,6 +13,9 @@ def test_selfcheck_cpu_half_runs_and_reports(tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert data["environment"]["backend"] == "numpy"
     assert data["goldens"]["counts"]["FAIL"] == 0 and sum(data["goldens"]["counts"].values()) >= 34
+    for model, row in data["sharing"].items():  # every method shared is the method alone, and layers were shared
+        assert row["identical"] and row["layers_served"] > 0 and row["bound_gib"] > 0, (model, row)
+    assert set(data["sharing"]) == {"tiny-llama", "tiny-qwen3"}
     points = data["benchmark"]
     assert [p["tokens"] for p in points] == [200, 300]
     for p in points:
@@ -136,3 +139,16 @@ def test_the_block_sizes_reach_the_benchmarked_engine(tmp_path, monkeypatch):
     done = subprocess.run([sys.executable, "-m", "gpu.selfcheck", "--block-q", "0", "--out", str(tmp_path / "x")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--block-q must be a positive" in done.stderr
+
+
+def test_the_sharing_step_fails_a_port_that_hands_out_its_remembered_caches(tmp_path, monkeypatch):
+    """The bug it exists for: copy_cache returning the remembered cache itself, so a method that compresses in
+    place changes what the next method is served (seen only when a compressing method runs first: both orders)."""
+    import gpu.selfcheck as sc
+    from gpu.backend import get_xp
+    from gpu.engine import PortEngine
+
+    monkeypatch.setattr(PortEngine, "copy_cache", lambda self, cache: cache)
+    report = sc.Report(tmp_path)
+    sc.run_sharing(report, get_xp("numpy"), "float32")
+    assert not any(row["identical"] for row in report.data["sharing"].values()), report.data["sharing"]
