@@ -4,6 +4,7 @@ malformed candidates give clear errors."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from reference.asl.generate import generate
 from reference.asl.params import Params
+from reference.errors import OracleError
 from reference.io.checkpoint import load_weights
 from reference.io.fetch import resolve_model
 from reference.oracle.bundle import (
@@ -194,3 +196,17 @@ def test_planted_decision_bugs_are_caught(bundle, tmp_path, monkeypatch, bug, ca
     result = next(r for r in check(cand, bundle) if r.case == case)
     fails = [f for f in result.findings if f.verdict == "FAIL"]
     assert result.verdict == "FAIL" and fails[0].field == field, result.line()
+
+
+@pytest.mark.parametrize("old, fragment", [(1, "kept_tokens"), (2, "recomputed_at")])
+def test_an_older_bundle_is_told_what_changed_in_one_line(bundle, tmp_path, old, fragment):
+    """A bundle's version is its traces' schema_version: an older one is refused with what changed and the fix."""
+    copy = tmp_path / "old"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps(manifest | {"bundle_version": old}))
+    with pytest.raises(OracleError) as err:
+        read_manifest(copy)
+    message = str(err.value)
+    assert "\n" not in message and f"bundle_version {old}" in message and fragment in message
+    assert "asl golden" in message

@@ -82,7 +82,8 @@ def test_asl_trace_prints_the_decisions(tmp_path):
     ("{not json", "JSON"),
     (json.dumps({"schema_version": 999}), "schema_version"),
     (json.dumps({"schema_version": 1}), "version 2 added PyramidInfer"),
-    (json.dumps({"schema_version": 2}), "required property"),
+    (json.dumps({"schema_version": 2}), "version 3 added recomputed_at"),
+    (json.dumps({"schema_version": 3}), "required property"),
 ])
 def test_asl_trace_refuses_malformed_files_in_one_line(tmp_path, content, fragment):
     bad = tmp_path / "bad.json"

@@ -351,7 +351,7 @@ def test_a_pruning_method_runs_its_prefill_again_on_the_whole_sequence_at_the_bo
     again = generate(w, ids + gen.generated_ids[:step], 1, (), method=method, params=params)
     assert np.array_equal(again.step_logits[0], gen.step_logits[step])
     trace, _ = make_trace(gen, model_name="tiny-phi3", model_sha256="", config=w.config, dtype="float64")
-    assert any(n.startswith("longrope: the sequence reached") for n in trace["notes"])
+    assert trace["recomputed_at"] == step and any(n.startswith("longrope: the sequence reached") for n in trace["notes"])
 
 
 def test_pyramidinfer_across_the_boundary_is_refused_with_the_fix():

@@ -119,7 +119,7 @@ def test_every_method_gives_a_trace_that_validates(runs, case):
     gen, trace, arrays = runs[case]
     Draft202012Validator(schema()).validate(trace)
     json.dumps(trace, allow_nan=False)  # strict JSON: no NaN, no Infinity
-    assert trace["schema_version"] == 2
+    assert trace["schema_version"] == 3 and trace["recomputed_at"] is None  # no LongRoPE model here
     assert trace["method"] == CASES[case][0]
     assert len(trace["layers"]) == L
     assert [e["layer"] for e in trace["layers"]] == list(range(L))
@@ -347,7 +347,8 @@ def _grow_kv_tokens(doc):
 
 # name -> (edit of the JSON object, pattern the message must contain)
 BAD_DOCS = {
-    "schema_version": (_set(["schema_version"], 3), r"\$\.schema_version.*3.*2"),
+    "schema_version": (_set(["schema_version"], 4), r"\$\.schema_version.*4.*3"),
+    "recomputed_at past the tokens": (_set(["recomputed_at"], 99), r"\$\.recomputed_at: is 99; expected a generation step"),
     "parameter out of range": (_set(["params", "tau"], -1), r"\$\.params: parameter tau must be a finite number > 0"),
     "parameter of the wrong type": (_set(["params", "l_min"], 6.5), r"\$\.params\.l_min: 6\.5 is not of type"),
     "missing top-level field": (_delete(["totals"]), r"\$.*'totals' is a required property"),
@@ -515,14 +516,14 @@ def test_snapkv_margins_are_recorded_per_kv_head(tmp_path):
 
 def test_a_version_1_trace_is_told_what_changed_and_how_to_upgrade(runs, tmp_path):
     """A trace written for schema_version 1 gets one line naming the new fields and the upgrade command,
-    and `upgrade` turns it into a valid version 2 trace, field for field what this version writes."""
+    and `upgrade` turns it into a valid version 3 trace, field for field what this version writes."""
     from reference.oracle.trace import upgrade, validate_trace
 
     for case in ("asl", "asl-2pass", "gemfilter", "full"):
         _, trace, arrays = runs[case]
         old = json.loads(json.dumps(trace))
         old["schema_version"] = 1
-        del old["decode_compressions"]
+        del old["decode_compressions"], old["recomputed_at"]
         for part in ("layers", "first_pass"):
             for e in old[part] or []:
                 del e["kept_tokens"], e["keep_ratio"]
@@ -532,5 +533,28 @@ def test_a_version_1_trace_is_told_what_changed_and_how_to_upgrade(runs, tmp_pat
             load_trace(path)
         message = str(err.value)
         assert "\n" not in message and "kept_tokens" in message and "asl trace FILE --upgrade OUT" in message
+        assert "recomputed_at" in message  # what version 3 added too
+        assert upgrade(old) == trace
+        validate_trace(upgrade(old), arrays)
+
+
+def test_a_version_2_trace_is_told_about_recomputed_at_and_upgrades(runs, tmp_path):
+    """Version 3 added recomputed_at (a LongRoPE run's second prefill): a version-2 trace gets one line saying so and
+    which traces must be made again, and `upgrade` sets it to null, giving what this version writes for a run that
+    never crossed original_max_position_embeddings."""
+    from reference.oracle.trace import upgrade, validate_trace
+
+    for case in ("asl", "full"):
+        _, trace, arrays = runs[case]
+        old = json.loads(json.dumps(trace))
+        old["schema_version"] = 2
+        del old["recomputed_at"]
+        path = tmp_path / f"{case}.json"
+        path.write_text(json.dumps(old))
+        with pytest.raises(OracleError) as err:
+            load_trace(path)
+        message = str(err.value)
+        assert "\n" not in message and "recomputed_at" in message and "original_max_position_embeddings" in message
+        assert "asl trace FILE --upgrade OUT" in message and "remake" in message
         assert upgrade(old) == trace
         validate_trace(upgrade(old), arrays)

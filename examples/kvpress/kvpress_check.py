@@ -25,7 +25,8 @@ runs every float32 case of --cases, no float64 run and no planted bug, and its r
 every verdict must be PASS. `_plants_on` in a cases file names the model every planted bug runs on, or one
 per bug ({bug: model}); a --cases file without it runs no planted bug. --work defaults to
 out/kvpress for cases.json and to out/kvpress-STEM for any other cases file, so that the bundles of one
-never overwrite the other's (they are rewritten whenever a model's cases differ from the stamp).
+never overwrite the other's (they are rewritten whenever a model's cases, or the bundle version, differ from the
+stamp).
 
 Needs its own environment (requirements.txt: kvpress pins transformers<5.3); `make check-kvpress` makes it.
 """
@@ -49,7 +50,7 @@ from transformers.utils import logging as hf_logging
 
 from reference.errors import OracleError
 from reference.eval.tasks import passkey_ids
-from reference.oracle.bundle import Case, check, write_bundle
+from reference.oracle.bundle import BUNDLE_VERSION, Case, check, write_bundle
 from reference.oracle.candidate import (
     LayerDecision,
     build_candidate,
@@ -217,10 +218,10 @@ def cases_for(model: str, spec: dict) -> list[Case]:
 
 
 def bundle_for(model: str, spec: dict, work: Path) -> Path:
-    """The oracle's bundle of the model's cases; rewritten when cases.json changed."""
+    """The oracle's bundle of the model's cases; rewritten when cases.json or the bundle format changed."""
     path = work / "bundles" / model
     stamp = path / "cases.json"
-    wanted = json.dumps(spec[model], sort_keys=True)
+    wanted = json.dumps({"bundle_version": BUNDLE_VERSION, "cases": spec[model]}, sort_keys=True)
     if (path / "manifest.json").is_file() and stamp.is_file() and stamp.read_text() == wanted:
         return path
     write_bundle(model, cases_for(model, spec), path, dtype="float64", progress=False,

@@ -35,7 +35,7 @@ def minimal_trace(inputs: dict, decisions: dict) -> tuple[dict, dict]:
     kv_bytes = sum(2 * t * d * bpe for e in layers for t in e["kv_tokens"])  # keys and values
     kv_bytes_full = 2 * L * H_kv * N * d * bpe  # a full run's cache: the same number, for full
     trace = {
-        "schema_version": 2,
+        "schema_version": 3,
         "method": "full",
         "params": inputs["params"],  # must equal the bundle's, every field
         "model": model,
@@ -51,6 +51,7 @@ def minimal_trace(inputs: dict, decisions: dict) -> tuple[dict, dict]:
         "layers": layers,
         "first_pass": None,
         "decode_compressions": None,  # PyramidInfer's alone
+        "recomputed_at": None,  # a LongRoPE (Phi-3) generation past original_max_position_embeddings alone
         "totals": {"bytes_per_element": bpe, "kv_bytes": kv_bytes, "kv_bytes_full": kv_bytes_full,
                    "kv_fraction": kv_bytes / kv_bytes_full,
                    "prefill_flops": sum(e["flops"] for e in layers),

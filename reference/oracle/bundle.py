@@ -42,6 +42,8 @@ from reference.oracle.goldens import Case
 from reference.oracle.goldens import default_cases as tiny_cases
 from reference.oracle.trace import (
     DTYPE_INFERRED,
+    SCHEMA_VERSION,
+    UPGRADE,
     load_trace,
     make_trace,
     model_sha256,
@@ -50,7 +52,7 @@ from reference.oracle.trace import (
 )
 from reference.oracle.verdicts import NEAR, NOTE, PASS, Finding
 
-BUNDLE_VERSION = 2  # 2: its traces are schema_version 2 (PyramidInfer's fields); a version-1 bundle is rewritten
+BUNDLE_VERSION = SCHEMA_VERSION  # a bundle changes with its traces only (2: PyramidInfer's fields; 3: recomputed_at)
 
 
 def default_cases(model: str):
@@ -228,9 +230,10 @@ def read_manifest(bundle: Path) -> dict:
         raise OracleError(f"{bundle}: no manifest.json; is this a bundle written by `asl golden`?")
     manifest = _read_json(path, "rewrite the bundle with `asl golden`")
     version = manifest.get("bundle_version") if isinstance(manifest, dict) else None
-    if version == 1:
-        raise OracleError(f"{path}: bundle_version 1; version 2 holds schema-2 traces (PyramidInfer's kept sets per "
-                          "layer and decode-stage compressions): rewrite the bundle with `asl golden` of this asl-oracle")
+    if version in UPGRADE:  # a bundle's version is its traces' schema_version
+        raise OracleError(f"{path}: bundle_version {version}, this reader's is {BUNDLE_VERSION}: its traces are "
+                          f"schema_version {version} ({UPGRADE[version]}); rewrite the bundle with `asl golden` of this "
+                          "asl-oracle")
     if version != BUNDLE_VERSION:
         raise OracleError(f"{path}: bundle_version must be {BUNDLE_VERSION}; rewrite the bundle with this asl-oracle")
     cases = manifest.get("cases")

@@ -436,7 +436,7 @@ def build_candidate(case: CaseInputs, shape: dict, *, layers: list[LayerDecision
                     first_pass: list[LayerDecision] | None = None, dtype: str | None = None,
                     notes: list[str] | None = None, model_sha256: str | None = None,
                     decode_compressions: list[dict] | None = None,
-                    next_position: int | None = None) -> tuple[dict, dict]:
+                    next_position: int | None = None, recomputed_at: int | None = None) -> tuple[dict, dict]:
     """A candidate trace and its arrays (docs/trace.md) from an implementation's decisions on one case.
 
     shape: model_shape(...). dtype: what you computed in; it sets the tolerances. Left out, it is inferred from the
@@ -448,6 +448,8 @@ def build_candidate(case: CaseInputs, shape: dict, *, layers: list[LayerDecision
     generated_gaps, decoding is not judged and the verdict is INCOMPLETE.
     next_position: where YOUR decoding put the first generated token (default: the contract's, N or |kept|);
     the checker judges it. A position outside [1, N] is refused.
+    recomputed_at: LongRoPE (Phi-3) only: the generation step at which YOUR run dropped its cache and ran the
+    prefill again on the whole sequence, having passed original_max_position_embeddings (docs/semantics.md §5).
     select_layer / kept_positions: ASL's ℓ*, FastKV's ℓ_f, GemFilter's ℓ_g and the prompt positions kept there.
     first_pass: two-pass methods, the scoring pass's layers 0 .. select_layer (ASL two-pass) or filter_layer
     (GemFilter). notes: default, the reference's notes (never compared).
@@ -506,6 +508,7 @@ def build_candidate(case: CaseInputs, shape: dict, *, layers: list[LayerDecision
         "layers": entries,
         "first_pass": None if first is None else first.entries,
         "decode_compressions": compressions,
+        "recomputed_at": recomputed_at,
         "totals": {"bytes_per_element": bpe, "kv_bytes": kv_bytes, "kv_bytes_full": kv_bytes_full,
                    "kv_fraction": kv_bytes / kv_bytes_full,
                    "prefill_flops": sum(e["flops"] for e in (first.entries if first else []) + entries),

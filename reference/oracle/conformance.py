@@ -46,11 +46,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import re
-
 import numpy as np
 
-from reference.asl.generate import RECOMPUTED
 from reference.asl.params import METHOD
 from reference.asl.selection import boundary_score
 from reference.oracle import pyramid_rules
@@ -125,6 +122,7 @@ def record_from_trace(trace: dict, arrays: dict, score_layers=None) -> dict:
         "generated_ids": trace["generated_ids"],
         "generated_gaps": trace["generated_gaps"],
         "notes": trace["notes"],
+        "recomputed_at": trace["recomputed_at"],
         "layers": [{k: e[k] for k in keys} for e in trace["layers"]],
         "first_pass": None if first is None else [{k: e[k] for k in LAYER_KEYS} for e in first],
         "ranks": by_layer("ranks", shown(trace["layers"])),
@@ -330,20 +328,11 @@ def _check_layers(exp: dict, got: dict, tol: Tolerance) -> list[Finding]:
 NOT_JUDGED = "not judged:"  # a finding of what could not be judged: the case is INCOMPLETE, never a PASS
 
 
-def recomputed_step(rec: dict) -> int | None:
-    """LongRoPE: the generation step at which the run's prefill ran again on the whole sequence (its note), or None."""
-    for note in rec.get("notes") or []:
-        m = re.match(re.escape(RECOMPUTED) + r".* at generation step (\d+)", note)
-        if m:
-            return int(m.group(1))
-    return None
-
-
 def _check_logits_and_tokens(exp: dict, got: dict, tol: Tolerance) -> list[Finding]:
     findings = []
     # from a LongRoPE recomputation on, a pruning method's tokens rest on a second prefill whose decisions (and
     # their margins) the trace does not hold: a difference there cannot be told from a near-tie
-    again = recomputed_step(exp) if exp["method"] != "full" else None
+    again = exp["recomputed_at"] if exp["method"] != "full" else None
     if exp["logits"] is not None and got["logits"] is not None:
         a, b = np.asarray(exp["logits"]), np.asarray(got["logits"])
         if a.shape != b.shape:

@@ -35,12 +35,17 @@ from reference.io.atomic import atomic_write
 from reference.io.checkpoint import shard_files
 from reference.model.config import Config
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+RECOMPUTED_AT = ("version 3 added recomputed_at, the generation step at which a LongRoPE (Phi-3) run ran its prefill "
+                 "again once prompt + generated tokens passed original_max_position_embeddings (null for every other "
+                 "run; version 2 decoded on there, so remake such a Phi-3 trace)")
 UPGRADE = {  # what each older version lacks, in one line, and how to upgrade
     1: "version 2 added PyramidInfer: every layer entry gains kept_tokens (null, or len(kept_positions) at "
        "select_layer) and keep_ratio (null), and the trace gains decode_compressions (null) and the optional "
-       "step_logits/t arrays that judge decoding; make the trace again with this asl-oracle, or upgrade it with "
-       "`asl trace FILE --upgrade OUT`",
+       f"step_logits/t arrays that judge decoding; {RECOMPUTED_AT}; make the trace again with this asl-oracle, or "
+       "upgrade it with `asl trace FILE --upgrade OUT`",
+    2: f"{RECOMPUTED_AT}; make the trace again with this asl-oracle, or upgrade any other with "
+       "`asl trace FILE --upgrade OUT` (recomputed_at: null)",
 }
 SCHEMA_PATH = Path(__file__).with_name("trace_schema.json")
 BYTES_PER_ELEMENT = {"float32": 4, "float64": 8}
@@ -153,6 +158,7 @@ def make_trace(
         "notes": list(run.notes) + list(gen.notes),
         "layers": layers,
         "first_pass": first_pass,
+        "recomputed_at": gen.recomputed_at,
         "decode_compressions": None if run.decode_state is None else [
             {"step": c.step, "layer": c.layer, "recent": c.recent, "scored_positions": [int(q) for q in c.scored],
              "kept_positions": [int(q) for q in c.kept], "boundary_gap": json_number(c.gap)}
@@ -189,9 +195,17 @@ def upgrade(doc: dict) -> dict:
     version = doc.get("schema_version") if isinstance(doc, dict) else None
     if version == SCHEMA_VERSION:
         return doc
-    if version != 1:
+    if version not in UPGRADE:
         raise OracleError(f"schema_version {version!r}: no upgrade known (this reader understands {SCHEMA_VERSION})")
     doc = json.loads(json.dumps(doc))
+    if version == 1:
+        _upgrade_1_to_2(doc)
+    doc["recomputed_at"] = None  # 2 -> 3: no LongRoPE recomputation known (UPGRADE[2] says which traces to remake)
+    doc["schema_version"] = SCHEMA_VERSION
+    return doc
+
+
+def _upgrade_1_to_2(doc: dict) -> None:
     for part in ("layers", "first_pass"):
         for e in doc.get(part) or []:
             if isinstance(e, dict):
@@ -200,8 +214,6 @@ def upgrade(doc: dict) -> dict:
                 e["kept_tokens"] = len(doc["kept_positions"]) if selected and own_pass else None
                 e["keep_ratio"] = None
     doc["decode_compressions"] = None
-    doc["schema_version"] = SCHEMA_VERSION
-    return doc
 
 
 # ---------------------------------------------------------------- validation
@@ -307,6 +319,10 @@ def _check_consistency(doc: dict) -> None:
     if len(doc["generated_gaps"]) != len(doc["generated_ids"]):
         raise _Invalid("$.generated_gaps", f"has {len(doc['generated_gaps'])} entries; expected one per generated token "
                                            f"({len(doc['generated_ids'])})")
+    again = doc["recomputed_at"]
+    if again is not None and again >= len(doc["generated_ids"]):
+        raise _Invalid("$.recomputed_at", f"is {again}; expected a generation step in [1, {len(doc['generated_ids'])}) "
+                                          "(the step whose token the second prefill chose), or null")
     bpe = BYTES_PER_ELEMENT[doc["dtype"]]
     if doc["totals"]["bytes_per_element"] != bpe:
         got = doc["totals"]["bytes_per_element"]
