@@ -4,6 +4,7 @@ one by one, SmolLM2, float32; the numbers docs/benchmarks.md quotes.
     python benchmarks/shared_prefill.py [--tokens 1024 4096] [--rounds 2] [--engine reference|port]
                                         [--methods full,snapkv,fastkv,gemfilter,asl,asl-2pass]
     python benchmarks/shared_prefill.py --eval [--tokens 1024] [--rounds 1] [--methods ...]
+    python benchmarks/shared_prefill.py --memory    # docs/architecture.md's table: what sharing holds per token
 
 1. Prefill only, in one process: per round, the methods one by one on the engine (each its own prefill, as
    before issue 25) and the same methods together in one `sharing` block, the two taking turns (A B, then
@@ -14,6 +15,11 @@ one by one, SmolLM2, float32; the numbers docs/benchmarks.md quotes.
 2. --eval: whole processes, as a user runs them: `asl eval` of the passkey and niah_single tasks, 1 sample,
    --select-k 256 --kv-budget 256 --max-new-tokens 12, with every method in one process against one process
    per method (each loads the model again), taking turns the same way; the ratio of the wall times.
+3. --memory: what the remembered layers hold per prompt token, from the shapes (per layer: the hidden states
+   D × 4 bytes, keys and values 2 · H_kv · hd in the cache's dtype, the cached positions H_kv int64; once: the
+   embeddings), for SmolLM2 on the reference and on a GPU and for Llama-3.1-8B on a GPU, at 8K and 128K tokens,
+   how many of the 8B model's layers a 32 GB bound keeps at 128K; and, as the check of the formula, SmolLM2's
+   bytes measured by `SharedPrefill.remembered_bytes` after a real shared prefill (needs SmolLM2).
 
 Needs SmolLM2 (`asl fetch smollm2`). The machine may be shared: compare the ratios, which each round
 measures on the same machine, not the absolute seconds.
@@ -169,6 +175,49 @@ def eval_benchmark(tokens: list[int], rounds: int, methods: list[str]) -> None:
                       f"{seconds['together'] / seconds['alone']:>6.2f}  {same}", flush=True)
 
 
+def bytes_per_token(L: int, D: int, H_kv: int, hd: int, cache_bytes: int) -> int:
+    """What the remembered unpruned layers hold per prompt token (the window's queries, fixed per layer, aside)."""
+    per_layer = D * 4 + 2 * H_kv * hd * cache_bytes + H_kv * 8  # hidden states (float32), K and V, positions
+    return L * per_layer + D * 4  # + the embeddings, once
+
+
+def memory_table() -> None:
+    from gpu.selfcheck import LLAMA_31_8B
+    from reference.io.checkpoint import load_weights
+    from reference.io.fetch import resolve_model
+
+    smol = load_weights(resolve_model("smollm2"), "float32")
+    c = smol.config
+    smol_shape = (c.num_hidden_layers, c.hidden_size, c.num_key_value_heads, c.head_dim)
+    llama = LLAMA_31_8B
+    rows = [("SmolLM2-135M, reference or NumPy port, float32", smol_shape, 4),
+            ("SmolLM2-135M, port on a GPU (float16 cache)", smol_shape, 2),
+            ("Llama-3.1-8B, port on a GPU (float16 cache)", (llama["num_hidden_layers"], llama["hidden_size"],
+                                                              llama["num_key_value_heads"], llama["head_dim"]), 2)]
+    print(f"{'model, engine':<50} {'per token':>10} {'8K tokens':>10} {'128K tokens':>12}")
+    for name, shape, cache_bytes in rows:
+        b = bytes_per_token(*shape, cache_bytes)
+        print(f"{name:<50} {b / 2**10:>6.1f} KiB {b * 8192 / 2**30:>6.2f} GiB {b * 131072 / 2**30:>8.1f} GiB")
+    L, D, H_kv, hd = rows[2][1]
+    n, bound = 131072, 32e9  # half the ~64 GB an 80 GB GPU has free after the 8B model's weights
+    per_layer = n * (bytes_per_token(1, D, H_kv, hd, 2) - D * 4)
+    print(f"Llama-3.1-8B at 128K under a 32 GB bound: {int((bound - n * D * 4) // per_layer)} of {L} layers shared")
+
+    # the formula against what a real shared prefill holds (SmolLM2, reference, float32; the 64-row queries included)
+    from reference.asl.engine import ReferenceEngine
+    from reference.asl.sharing import QUERY_ROWS
+    from reference.eval.tasks import passkey_ids
+
+    ids = passkey_ids(resolve_model("smollm2"), 1024, 0)
+    shared = SharedPrefill(ReferenceEngine(smol))
+    with shared.sharing(ids):
+        run_prefill(shared, ids, "full", None)
+        held = shared.remembered_bytes
+    queries = c.num_hidden_layers * c.num_attention_heads * QUERY_ROWS * c.head_dim * 4
+    formula = len(ids) * bytes_per_token(*smol_shape, 4) + queries
+    print(f"SmolLM2, {len(ids)} tokens: measured {held / 2**20:.1f} MiB held, the formula {formula / 2**20:.1f} MiB")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
@@ -176,7 +225,11 @@ def main() -> int:
     parser.add_argument("--methods", default=",".join(SIX))
     parser.add_argument("--engine", choices=("reference", "port"), default="reference")
     parser.add_argument("--eval", action="store_true", help="whole `asl eval` processes instead")
+    parser.add_argument("--memory", action="store_true", help="what sharing holds per token (docs/architecture.md)")
     args = parser.parse_args()
+    if args.memory:
+        memory_table()
+        return 0
     methods = [m for m in args.methods.split(",") if m]
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start")
     if args.eval:

@@ -12,6 +12,30 @@ TINY = ["tiny-llama", "tiny-qwen2"]
 GOLDEN_DIR = Path(__file__).resolve().parent / "goldens"  # made by `make goldens`
 
 
+def _port_backends():
+    """The port's backends as test parameters: (array module name, weight dtype); CuPy's skipped with the reason."""
+    from gpu.backend import cupy_unavailable_reason
+
+    cupy_skip = cupy_unavailable_reason()
+    return [
+        pytest.param(("numpy", "float32"), id="numpy-float32"),
+        pytest.param(("standin", "float16"), id="standin-float16"),
+        pytest.param(("cupy", "float16"), id="cupy-float16",
+                     marks=pytest.mark.skipif(cupy_skip is not None, reason=f"no GPU backend here: {cupy_skip}")),
+    ]
+
+
+PORT_BACKENDS = _port_backends()
+
+
+def array_module(name: str):
+    """--backend NAME's module, or a fresh CPU stand-in for CuPy."""
+    from gpu.backend import get_xp
+    from tests.standin import standin
+
+    return standin() if name == "standin" else get_xp(name)
+
+
 def fuzz_examples(default: int) -> int:
     """Examples per fuzz property: `default` in CI, ASL_FUZZ_EXAMPLES for a longer manual pass (docs/robustness.md)."""
     return int(os.environ.get("ASL_FUZZ_EXAMPLES") or default)

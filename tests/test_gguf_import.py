@@ -133,6 +133,14 @@ def heads_for(spec: Spec, hf_name: str) -> int | None:
     return None
 
 
+def finish(w: gguf.GGUFWriter) -> None:
+    """Write what `w` holds to its file and close it (gguf's writer takes the three parts in this order)."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def write_gguf(path: Path, spec: Spec, hf: dict[str, np.ndarray], qtype=gguf.GGMLQuantizationType.F32,
                skip: frozenset = frozenset(), extra_tensors: dict | None = None) -> dict[str, tuple]:
     """Write ``hf`` as llama.cpp would; return {gguf name: (stored array, type)}."""
@@ -181,10 +189,7 @@ def write_gguf(path: Path, spec: Spec, hf: dict[str, np.ndarray], qtype=gguf.GGM
             stored[name] = (x, gguf.GGMLQuantizationType.F32)
     for name, x in (extra_tensors or {}).items():
         w.add_tensor(name, x)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return stored
 
 
@@ -402,10 +407,7 @@ def test_unsupported_architecture(tmp_path):
     w = gguf.GGUFWriter(path, "falcon")
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     with pytest.raises(OracleError, match="'falcon'"):
         import_gguf(path, tmp_path / "out", progress=False)
     assert no_partial_output(tmp_path)
@@ -649,10 +651,7 @@ def write_tiny_gguf(path: Path, model_dir: Path, qtype=gguf.GGMLQuantizationType
     for name, x in (extra_tensors or {}).items():
         if name not in skip:
             w.add_tensor(name, x)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return hf
 
 
@@ -732,10 +731,7 @@ def _copy_gguf_with(src: Path, dst: Path, values: dict) -> None:
         w.add_key_value(name, field.contents(), vtype, sub_type=sub)
     for t in reader.tensors:
         w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type, raw_shape=list(reversed(t.shape.tolist())))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
 
 
 def test_phi3_q8_0_fused_tensors_are_the_dequantized_values(tmp_path):

@@ -645,6 +645,26 @@ rope_values = st.one_of(hostile_values, st.fixed_dictionaries(
 DELETE = object()
 
 
+def _apply(raw: dict, changes: dict) -> None:
+    """The hostile edits: each key set to its value, or removed (DELETE)."""
+    for key, value in changes.items():
+        if value is DELETE:
+            raw.pop(key, None)
+        else:
+            raw[key] = value
+
+
+def _parsed_or_one_line(raw: dict) -> None:
+    """parse_config accepts the config (and it is sane) or refuses it with one line naming the file."""
+    try:
+        cfg = parse_config(raw, "hostile/config.json")
+    except OracleError as e:
+        message = str(e)
+        assert message.startswith("hostile/config.json: ") and "\n" not in message
+        return
+    _assert_sane(cfg)
+
+
 @settings(max_examples=fuzz_examples(600), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(TOP_KEYS), st.one_of(hostile_values, st.just(DELETE)), min_size=1, max_size=3),
        st.one_of(st.none(), rope_values), st.sampled_from(["rope_scaling", "rope_parameters"]),
@@ -653,18 +673,8 @@ def test_parse_config_never_raises_anything_but_oracle_error(changes, rope, rope
     raw = dict(BASE, model_type=model_type)
     if rope is not None:
         raw[rope_key] = rope
-    for key, value in changes.items():
-        if value is DELETE:
-            raw.pop(key, None)
-        else:
-            raw[key] = value
-    try:
-        cfg = parse_config(raw, "hostile/config.json")
-    except OracleError as e:
-        message = str(e)
-        assert message.startswith("hostile/config.json: ") and "\n" not in message
-        return
-    _assert_sane(cfg)
+    _apply(raw, changes)
+    _parsed_or_one_line(raw)
 
 
 @settings(max_examples=fuzz_examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -674,23 +684,9 @@ def test_parse_config_never_raises_anything_but_oracle_error(changes, rope, rope
 def test_parse_phi3_longrope_never_raises_anything_but_oracle_error(changes, rope_changes):
     """tiny-phi3's config.json with its LongRoPE keys (and others) made hostile."""
     raw = dict(BASE_PHI3, rope_scaling=dict(BASE_PHI3["rope_scaling"]))
-    for key, value in rope_changes.items():
-        if value is DELETE:
-            raw["rope_scaling"].pop(key, None)
-        else:
-            raw["rope_scaling"][key] = value
-    for key, value in changes.items():
-        if value is DELETE:
-            raw.pop(key, None)
-        else:
-            raw[key] = value
-    try:
-        cfg = parse_config(raw, "hostile/config.json")
-    except OracleError as e:
-        message = str(e)
-        assert message.startswith("hostile/config.json: ") and "\n" not in message
-        return
-    _assert_sane(cfg)
+    _apply(raw["rope_scaling"], rope_changes)
+    _apply(raw, changes)
+    _parsed_or_one_line(raw)
 
 
 def _is_int(x) -> bool:

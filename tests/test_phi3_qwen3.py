@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpu.backend import cupy_unavailable_reason, get_xp
+from gpu.backend import get_xp
 from gpu.engine import PortEngine
 from gpu.loader import device_copy, load_device_weights
 from reference.asl.generate import generate
@@ -38,9 +38,9 @@ from reference.model.weights import expected_tensors, fused_parts
 from reference.oracle.conformance import FAIL, TOLERANCES, compare, record_from_trace
 from reference.oracle.bundle import check_trace
 from reference.oracle.trace import make_trace, save_trace
-from tests.conftest import CHECKPOINTS
+from reference.oracle.goldens import BASE
+from tests.conftest import CHECKPOINTS, PORT_BACKENDS, array_module
 from tests.model_factory import random_model
-from tests.standin import standin
 
 QWEN3 = dict(model_type="qwen3", vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
@@ -227,14 +227,8 @@ def test_tiny_checkpoints_are_registered_aliases():
 # ---------------------------------------------------------------- the port
 
 
-CUPY_SKIP = cupy_unavailable_reason()
-BACKENDS = [
-    pytest.param(("numpy", "float32"), id="numpy-float32"),
-    pytest.param(("standin", "float16"), id="standin-float16"),
-    pytest.param(("cupy", "float16"), id="cupy-float16",
-                 marks=pytest.mark.skipif(CUPY_SKIP is not None, reason=f"no GPU backend here: {CUPY_SKIP}")),
-]
-PARAMS = Params(window=4, kernel=3, select_k=24, tau=0.5, l_min=6, l_obs=4, select_layer=8, filter_layer=5)
+BACKENDS = PORT_BACKENDS
+PARAMS = BASE  # the goldens' small settings
 
 
 def record(gen, weights):
@@ -253,7 +247,7 @@ def test_port_agrees_with_the_reference(backend, name, n_tokens, method):
     """Phi-3: 40 tokens (+4 decoded) stay on the short side of original_max = 64, 100 on the long side; 62 + 4
     cross it (the prefill runs again at step 3, on both engines)."""
     xp_name, weight_dtype = backend
-    xp = standin() if xp_name == "standin" else get_xp(xp_name)
+    xp = array_module(xp_name)
     ids = np.random.default_rng(n_tokens).integers(3, 259, n_tokens)
     params = PARAMS if method != "snapkv" else dataclasses.replace(PARAMS, kv_budget=30)
     weights = load_weights(CHECKPOINTS / name)
@@ -295,7 +289,7 @@ def family_cases(draw):
 @given(case=family_cases())
 def test_port_agrees_with_the_reference_on_random_qwen3_and_phi3_models(backend, case):
     xp_name, weight_dtype = backend
-    xp = standin() if xp_name == "standin" else get_xp(xp_name)
+    xp = array_module(xp_name)
     model, method, params, ids = case
     weights = random_model(**model)
     expected = generate(weights, ids, 3, (), method=method, params=params)
@@ -340,8 +334,7 @@ def test_a_pruning_method_runs_its_prefill_again_on_the_whole_sequence_at_the_bo
     cache there, and its next forward call is a prefill): the next token is that prefill's, and the steps before
     are those of the run that never crosses."""
     w = load_weights(CHECKPOINTS / "tiny-phi3", "float64")
-    params = Params(window=4, kernel=3, select_k=24, tau=0.5, l_min=6, l_obs=4, select_layer=8, filter_layer=5,
-                    kv_budget=30 if method == "snapkv" else None)
+    params = dataclasses.replace(BASE, kv_budget=30 if method == "snapkv" else None)
     ids = np.random.default_rng(7).integers(3, 259, 60).tolist()
     gen = generate(w, ids, 8, (), method=method, params=params)
     step = 65 - 60
@@ -367,7 +360,7 @@ def test_pyramidinfer_across_the_boundary_is_refused_with_the_fix():
 def _crossing(method: str, tmp_path):
     """The oracle's trace of a tiny-phi3 run recomputed at step 3 (62 + 5 tokens), saved; and its in-memory copy."""
     w = load_weights(CHECKPOINTS / "tiny-phi3", "float64")
-    params = Params(window=4, kernel=3, select_k=24, tau=0.5, l_min=6, l_obs=4, select_layer=8, filter_layer=5)
+    params = BASE
     gen = generate(w, np.random.default_rng(3).integers(3, 259, 62).tolist(), 5, (), method=method, params=params)
     assert gen.recomputed_at == 3
     trace, arrays = make_trace(gen, model_name="tiny-phi3", model_sha256="0" * 64, config=w.config, dtype="float64")

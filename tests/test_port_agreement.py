@@ -41,17 +41,11 @@ from reference.oracle.conformance import FAIL, TOLERANCES, compare, record_from_
 from reference.oracle.goldens import default_cases, run_case
 from reference.oracle.trace import make_trace
 from reference.oracle.verdicts import apart
-from tests.conftest import GOLDEN_DIR
+from tests.conftest import GOLDEN_DIR, PORT_BACKENDS, array_module
 from tests.model_factory import random_model
-from tests.standin import standin
 
 CUPY_SKIP = cupy_unavailable_reason()
-BACKENDS = [
-    pytest.param(("numpy", "float32"), id="numpy-float32"),
-    pytest.param(("standin", "float16"), id="standin-float16"),
-    pytest.param(("cupy", "float16"), id="cupy-float16",
-                 marks=pytest.mark.skipif(CUPY_SKIP is not None, reason=f"no GPU backend here: {CUPY_SKIP}")),
-]
+BACKENDS = PORT_BACKENDS
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                             HealthCheck.function_scoped_fixture])
 
@@ -81,11 +75,6 @@ def threads_on_tiny_work(monkeypatch):
     """Let the port use its CPU threads even on tiny prompts, so the threaded paths are the ones tested."""
     monkeypatch.setattr(gpu.engine, "MIN_ROWS_PER_THREAD", 2)
     monkeypatch.setattr(gpu.attention, "MIN_THREADED_SCORES", 0)
-
-
-def array_module(name: str):
-    """--backend NAME's module, or a fresh CPU stand-in for CuPy."""
-    return standin() if name == "standin" else get_xp(name)
 
 
 def record(gen, weights, dtype):

@@ -514,6 +514,14 @@ def test_snapkv_margins_are_recorded_per_kv_head(tmp_path):
         load_trace(path)
 
 
+def _refusal(doc: dict, path) -> str:
+    """load_trace's message for `doc` written to `path` (it must refuse it)."""
+    path.write_text(json.dumps(doc))
+    with pytest.raises(OracleError) as err:
+        load_trace(path)
+    return str(err.value)
+
+
 def test_a_version_1_trace_is_told_what_changed_and_how_to_upgrade(runs, tmp_path):
     """A trace written for schema_version 1 gets one line naming the new fields and the upgrade command,
     and `upgrade` turns it into a valid version 3 trace, field for field what this version writes."""
@@ -527,11 +535,7 @@ def test_a_version_1_trace_is_told_what_changed_and_how_to_upgrade(runs, tmp_pat
         for part in ("layers", "first_pass"):
             for e in old[part] or []:
                 del e["kept_tokens"], e["keep_ratio"]
-        path = tmp_path / f"{case}.json"
-        path.write_text(json.dumps(old))
-        with pytest.raises(OracleError) as err:
-            load_trace(path)
-        message = str(err.value)
+        message = _refusal(old, tmp_path / f"{case}.json")
         assert "\n" not in message and "kept_tokens" in message and "asl trace FILE --upgrade OUT" in message
         assert "recomputed_at" in message  # what version 3 added too
         assert upgrade(old) == trace
@@ -549,11 +553,7 @@ def test_a_version_2_trace_is_told_about_recomputed_at_and_upgrades(runs, tmp_pa
         old = json.loads(json.dumps(trace))
         old["schema_version"] = 2
         del old["recomputed_at"]
-        path = tmp_path / f"{case}.json"
-        path.write_text(json.dumps(old))
-        with pytest.raises(OracleError) as err:
-            load_trace(path)
-        message = str(err.value)
+        message = _refusal(old, tmp_path / f"{case}.json")
         assert "\n" not in message and "recomputed_at" in message and "original_max_position_embeddings" in message
         assert "asl trace FILE --upgrade OUT" in message and "remake" in message
         assert upgrade(old) == trace

@@ -36,6 +36,7 @@ from reference.oracle.trace import make_trace
 LOGIT_DECIMALS = 8
 SIGNIFICANT_DIGITS = 10  # far inside the float64 tolerances of reference/oracle/conformance.py
 BASE = Params(window=4, kernel=3, select_k=24, tau=0.5, l_min=6, l_obs=4, select_layer=8, filter_layer=5)
+NEWER_FAMILY_CASES = ("full", "snapkv", "fastkv", "gemfilter", "asl", "asl-kv-budget", "asl-2pass", "pyramidinfer")
 
 
 @dataclass(frozen=True)
@@ -56,64 +57,59 @@ class Case:
         return Params(**(BASE.to_dict() | self.params))
 
 
+def _family_cases(model: str) -> list[Case]:
+    """Every method on one tiny checkpoint, with the contract's edge cases."""
+    return [
+        Case(f"{model}-full", model, "full", 150),
+        Case(f"{model}-snapkv", model, "snapkv", 150, {"kv_budget": 40}),
+        Case(f"{model}-snapkv-max", model, "snapkv", 150, {"kv_budget": 40, "pooling": "max", "kernel": 5}),
+        Case(f"{model}-fastkv", model, "fastkv", 150),
+        Case(f"{model}-fastkv-kv-budget", model, "fastkv", 150, {"kv_budget": 60}),
+        Case(f"{model}-gemfilter", model, "gemfilter", 150),
+        Case(f"{model}-asl", model, "asl", 150),
+        Case(f"{model}-asl-max-pooling", model, "asl", 150, {"pooling": "max"}),
+        Case(f"{model}-asl-kv-budget", model, "asl", 150, {"kv_budget": 40}),
+        Case(f"{model}-asl-defaults", model, "asl", 300, {k: v for k, v in Params().to_dict().items()
+                                                          if k in ("tau", "l_min", "l_obs")} | {"window": 8, "select_k": 64}),
+        Case(f"{model}-asl-2pass", model, "asl-2pass", 150),
+        # SPEC's edge cases
+        Case(f"{model}-edge-n-le-w", model, "asl", 3),  # N ≤ w: runs as full
+        Case(f"{model}-edge-n-le-k", model, "asl", 20),  # N ≤ k: keeps everything, still reports ℓ*
+        Case(f"{model}-edge-never-fires", model, "asl", 150, {"tau": 1e-9}),
+        Case(f"{model}-edge-2pass-never-fires", model, "asl-2pass", 150, {"tau": 1e-9}),
+        Case(f"{model}-edge-tau-above-1", model, "asl", 150, {"tau": 1.5}),  # fires at L_min
+        Case(f"{model}-edge-v0-zero", model, "asl", 5),  # one prefix token: every rank is 1, V0 = v = 0
+        # the criterion is exact: the ratio at L_min is exactly 1, so τ = 1 cannot fire there ...
+        Case(f"{model}-edge-tau-at-ratio", model, "asl", 150, {"tau": 1.0}),
+        # ... and τ = the next float above 1 always does
+        Case(f"{model}-edge-tau-above-ratio", model, "asl", 150, {"tau": float(np.nextafter(1.0, 2.0))}),
+        # exact ties: wide max pooling makes plateaus at SnapKV's boundary, under a budget too
+        Case(f"{model}-snapkv-ties", model, "snapkv", 150, {"kv_budget": 40, "pooling": "max", "kernel": 15}),
+        Case(f"{model}-asl-kv-budget-ties", model, "asl", 150, {"kv_budget": 40, "pooling": "max", "kernel": 9}),
+        # N = 3 under GemFilter's width-5 pooling: every window holds the whole prompt, all scores tie
+        Case(f"{model}-edge-gemfilter-ties", model, "gemfilter", 3, {"window": 1, "select_k": 2}),
+        # PyramidInfer: the authors' defaults (a kept set at every layer, then the decode stage), every
+        # other layer deciding with a short minimum context, a prefill-only run, aggressive pruning that
+        # needs its sinks, and a "linear" schedule (the constant d in the authors' code)
+        Case(f"{model}-pyramidinfer", model, "pyramidinfer", 150, max_new_tokens=8),
+        Case(f"{model}-pyramidinfer-interval", model, "pyramidinfer", 150,
+             {"layerwise_downsample_interval": 3, "min_context_length": 8, "streamingllm_sink_len": 2},
+             max_new_tokens=8),
+        Case(f"{model}-pyramidinfer-prefill-only", model, "pyramidinfer", 150, {"gen_compress": False}),
+        Case(f"{model}-pyramidinfer-aggressive", model, "pyramidinfer", 150,
+             {"prefill_decay_ratio": 0.2, "min_context_length": 8, "recent_ratio": 0.1, "gen_decay_ratio": 0.5,
+              "exceed_length_to_compress": 6}, max_new_tokens=8),
+        Case(f"{model}-pyramidinfer-linear", model, "pyramidinfer", 150,
+             {"prefill_decay_strategy": "linear", "gen_decay_strategy": "linear", "min_context_length": 16},
+             max_new_tokens=8),
+    ]
+
+
 def default_cases() -> list[Case]:
-    cases = []
-    for model in ("tiny-llama", "tiny-qwen2"):
-        cases += [
-            Case(f"{model}-full", model, "full", 150),
-            Case(f"{model}-snapkv", model, "snapkv", 150, {"kv_budget": 40}),
-            Case(f"{model}-snapkv-max", model, "snapkv", 150, {"kv_budget": 40, "pooling": "max", "kernel": 5}),
-            Case(f"{model}-fastkv", model, "fastkv", 150),
-            Case(f"{model}-fastkv-kv-budget", model, "fastkv", 150, {"kv_budget": 60}),
-            Case(f"{model}-gemfilter", model, "gemfilter", 150),
-            Case(f"{model}-asl", model, "asl", 150),
-            Case(f"{model}-asl-max-pooling", model, "asl", 150, {"pooling": "max"}),
-            Case(f"{model}-asl-kv-budget", model, "asl", 150, {"kv_budget": 40}),
-            Case(f"{model}-asl-defaults", model, "asl", 300, {k: v for k, v in Params().to_dict().items()
-                                                              if k in ("tau", "l_min", "l_obs")} | {"window": 8, "select_k": 64}),
-            Case(f"{model}-asl-2pass", model, "asl-2pass", 150),
-            # SPEC's edge cases
-            Case(f"{model}-edge-n-le-w", model, "asl", 3),  # N ≤ w: runs as full
-            Case(f"{model}-edge-n-le-k", model, "asl", 20),  # N ≤ k: keeps everything, still reports ℓ*
-            Case(f"{model}-edge-never-fires", model, "asl", 150, {"tau": 1e-9}),
-            Case(f"{model}-edge-2pass-never-fires", model, "asl-2pass", 150, {"tau": 1e-9}),
-            Case(f"{model}-edge-tau-above-1", model, "asl", 150, {"tau": 1.5}),  # fires at L_min
-            Case(f"{model}-edge-v0-zero", model, "asl", 5),  # one prefix token: every rank is 1, V0 = v = 0
-            # the criterion is exact: the ratio at L_min is exactly 1, so τ = 1 cannot fire there ...
-            Case(f"{model}-edge-tau-at-ratio", model, "asl", 150, {"tau": 1.0}),
-            # ... and τ = the next float above 1 always does
-            Case(f"{model}-edge-tau-above-ratio", model, "asl", 150, {"tau": float(np.nextafter(1.0, 2.0))}),
-            # exact ties: wide max pooling makes plateaus at SnapKV's boundary, under a budget too
-            Case(f"{model}-snapkv-ties", model, "snapkv", 150, {"kv_budget": 40, "pooling": "max", "kernel": 15}),
-            Case(f"{model}-asl-kv-budget-ties", model, "asl", 150, {"kv_budget": 40, "pooling": "max", "kernel": 9}),
-            # N = 3 under GemFilter's width-5 pooling: every window holds the whole prompt, all scores tie
-            Case(f"{model}-edge-gemfilter-ties", model, "gemfilter", 3, {"window": 1, "select_k": 2}),
-            # PyramidInfer: the authors' defaults (a kept set at every layer, then the decode stage), every
-            # other layer deciding with a short minimum context, a prefill-only run, aggressive pruning that
-            # needs its sinks, and a "linear" schedule (the constant d in the authors' code)
-            Case(f"{model}-pyramidinfer", model, "pyramidinfer", 150, max_new_tokens=8),
-            Case(f"{model}-pyramidinfer-interval", model, "pyramidinfer", 150,
-                 {"layerwise_downsample_interval": 3, "min_context_length": 8, "streamingllm_sink_len": 2},
-                 max_new_tokens=8),
-            Case(f"{model}-pyramidinfer-prefill-only", model, "pyramidinfer", 150, {"gen_compress": False}),
-            Case(f"{model}-pyramidinfer-aggressive", model, "pyramidinfer", 150,
-                 {"prefill_decay_ratio": 0.2, "min_context_length": 8, "recent_ratio": 0.1, "gen_decay_ratio": 0.5,
-                  "exceed_length_to_compress": 6}, max_new_tokens=8),
-            Case(f"{model}-pyramidinfer-linear", model, "pyramidinfer", 150,
-                 {"prefill_decay_strategy": "linear", "gen_decay_strategy": "linear", "min_context_length": 16},
-                 max_new_tokens=8),
-        ]
+    cases = _family_cases("tiny-llama") + _family_cases("tiny-qwen2")  # every method, the contract's edge cases
     for model in ("tiny-qwen3", "tiny-phi3"):  # the newer families: every method once (their maths against
-        cases += [  # transformers: tests/test_crosscheck_hf.py); Phi-3's 150 tokens run on the long factor set
-            Case(f"{model}-full", model, "full", 150),
-            Case(f"{model}-snapkv", model, "snapkv", 150, {"kv_budget": 40}),
-            Case(f"{model}-fastkv", model, "fastkv", 150),
-            Case(f"{model}-gemfilter", model, "gemfilter", 150),
-            Case(f"{model}-asl", model, "asl", 150),
-            Case(f"{model}-asl-kv-budget", model, "asl", 150, {"kv_budget": 40}),
-            Case(f"{model}-asl-2pass", model, "asl-2pass", 150),
-            Case(f"{model}-pyramidinfer", model, "pyramidinfer", 150, max_new_tokens=8),
-        ]
+        # transformers: tests/test_crosscheck_hf.py); Phi-3's 150 tokens run on the long factor set
+        cases += [c for c in _family_cases(model) if c.name.removeprefix(f"{model}-") in NEWER_FAMILY_CASES]
     cases += [  # Phi-3 on both sides of original_max_position_embeddings = 64, and across it while decoding
         Case("tiny-phi3-asl-short-factors", "tiny-phi3", "asl", 40),
         Case("tiny-phi3-full-crossing", "tiny-phi3", "full", 62),  # 62 + 5: the prefill runs again at step 3
